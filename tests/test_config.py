@@ -71,3 +71,13 @@ def test_every_field_is_documented():
     undocumented = [name for name, _, help_text in rows if not help_text]
     assert not undocumented
     assert any(name == "candidates[].price_in" for name, _, _ in rows)
+
+
+def test_readme_config_reference_is_current():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, "scripts/config_reference.py", "--check"], cwd=root, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -1,0 +1,121 @@
+"""Episodes/s of the lock-step runner against running the same episodes one at a time.
+
+    python -m benchmarks.episodes                        # 16 MMLU problems, offline SmolLM2, greedy
+    python -m benchmarks.episodes --results benchmarks/RESULTS.md
+
+Both modes run identical greedy episodes (SmolLM2-135M-Instruct as Teacher and Student, max_rounds 3) on
+the same engine; lock-step advances all of them together, so each step is one batched generate, while the
+baseline runs each episode alone (one sample per generate). The trajectories must come out identical; the
+script checks that and reports episodes/s, generated tokens/s and generate calls for both.
+With `--results`, the "## Episodes" section of that Markdown file is written (replaced if present,
+appended otherwise); the rest of the file is left as it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from haps_ray.config import DecodingConfig, TaskConfig
+from haps_ray.engine import LLMEngine
+from haps_ray.episodes import EpisodeResult, EpisodeRunner
+from haps_ray.models import load_model
+from haps_ray.rl.cost import PriceTable
+from haps_ray.tasks import load_problems, make_episode, sample_problems
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_VALID = ROOT.parent / "shared" / "data" / "mmlu" / "valid.jsonl"
+FIXTURE = ROOT / "tests" / "fixtures" / "mmlu_small.jsonl"
+MODEL = "smollm2-135m-instruct"
+
+
+def run_mode(engine: LLMEngine, problems, task: TaskConfig, decoding: DecodingConfig, lock_step: bool) -> tuple[list[EpisodeResult], float, int]:
+    """(results, wall seconds, generate calls) for one mode."""
+    z = {"teacher": engine.name, "student": engine.name}
+    prices = PriceTable({engine.name: (0.2, 0.2)})
+    episodes = [make_episode(task, p, z) for p in problems]
+    runner = EpisodeRunner({engine.name: engine}, decoding, prices)
+    start = time.perf_counter()
+    if lock_step:
+        results = runner.run(episodes)
+    else:
+        results = [runner.run([ep])[0] for ep in episodes]
+    return results, time.perf_counter() - start, runner.generate_calls
+
+
+def section_markdown(rows: list[dict], n: int, source: str, args: argparse.Namespace, same: int) -> str:
+    lock, alone = rows
+    speedup = lock["eps"] / alone["eps"]
+    lines = [
+        "## Episodes",
+        "",
+        f"`python -m benchmarks.episodes` — {n} MMLU problems ({source}), {MODEL} (fp32, CPU) as both Teacher and "
+        f"Student, greedy, max_new_tokens={args.max_new_tokens}, max_rounds={args.rounds}; "
+        f"{platform.machine()} CPU, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
+        f"measured {time.strftime('%Y-%m-%d')}.",
+        "",
+        "| mode | episodes/s | generated tok/s | generate calls | LLM calls | wall s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(f"| {row['mode']} | {row['eps']:.3f} | {row['tok_s']:.1f} | {row['generate_calls']} | "
+                     f"{row['llm_calls']} | {row['seconds']:.1f} |")
+    lines += ["", f"Lock-step speed-up: **{speedup:.2f}x** (target >= 3x). Identical trajectories in both modes: "
+              f"{same}/{n} episodes.", ""]
+    return "\n".join(lines)
+
+
+def write_section(path: Path, text: str) -> None:
+    """Replace the '## Episodes' section of `path` (up to the next '## ' heading), or append it."""
+    old = path.read_text() if path.exists() else "# Benchmarks\n"
+    pattern = re.compile(r"^## Episodes\n.*?(?=^## |\Z)", re.M | re.S)
+    new = pattern.sub(lambda _: text + "\n", old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
+    path.write_text(new)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=16, help="MMLU problems (episodes per mode).")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3, help="MMLU max_rounds.")
+    parser.add_argument("--data", default=str(SHARED_VALID if SHARED_VALID.is_file() else FIXTURE))
+    parser.add_argument("--results", default="", help="Markdown file whose '## Episodes' section is (re)written.")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+
+    problems, _ = load_problems("mmlu", args.data)
+    problems = sample_problems(problems, args.n, seed=0, stratify=True)
+    model, tokenizer = load_model(MODEL, dtype="float32", device="cpu")
+    engine = LLMEngine(model, tokenizer, name="smollm2", max_batch_size=max(32, args.n))
+    task = TaskConfig(name="mmlu", max_rounds=args.rounds)
+    decoding = DecodingConfig(max_new_tokens=args.max_new_tokens, temperature=0.0)
+    run_mode(engine, problems[:1], TaskConfig(name="mmlu", max_rounds=1), DecodingConfig(max_new_tokens=4), True)  # warm-up
+
+    rows, outputs = [], []
+    for mode, lock_step in (("lock-step", True), ("one at a time", False)):
+        results, seconds, calls = run_mode(engine, problems, task, decoding, lock_step)
+        tokens = sum(c["n_output_tokens"] for r in results for c in r.calls)
+        rows.append({"mode": mode, "eps": len(results) / seconds, "tok_s": tokens / seconds, "generate_calls": calls,
+                     "llm_calls": sum(r.n_calls for r in results), "seconds": seconds})
+        outputs.append([[c["token_ids"] for c in r.calls] for r in results])
+        print(f"{mode:>14}: {len(results) / seconds:.3f} episodes/s, {tokens / seconds:.1f} tok/s, "
+              f"{calls} generate calls, {seconds:.1f} s", flush=True)
+    same = sum(a == b for a, b in zip(*outputs))
+    source = "shared valid split" if Path(args.data) == SHARED_VALID else args.data
+    print(f"speed-up {rows[0]['eps'] / rows[1]['eps']:.2f}x; identical trajectories {same}/{len(problems)}")
+    if args.results:
+        write_section(Path(args.results), section_markdown(rows, len(problems), source, args, same))
+        print(f"wrote the Episodes section of {args.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,408 @@
+"""LLMEngine: one frozen causal LM that generates, scores and differentiates with per-sample LoRA adapters.
+
+The engine wraps `o_proj` of the last k decoder layers once (`haps_ray.lora.attach_lora`) and then serves three
+batched calls, each taking one adapter (or None = the plain base model) per sample:
+
+    engine = LLMEngine(model, tokenizer, name="llama8b", lora_layers=1)
+    gens = engine.generate(messages, adapters, max_new_tokens=64, temperature=1.0, top_p=0.9, seed=0)
+    logps = engine.score(messages, [g.token_ids for g in gens], adapters)
+    grads = engine.adapter_grads(messages, [g.token_ids for g in gens], adapters, weights=advantages)
+
+Conventions (what the rest of the pipeline relies on):
+- Prompts: the chat template is applied once (`add_generation_prompt=True`) and the templated text is tokenized
+  without special tokens, so the prompt holds exactly one BOS (the template's); a tokenizer that prepends BOS by
+  default but whose template lacks it gets one BOS prepended.
+- `Generation.token_ids` are the tokens the model emitted, up to and including the one that ended the sample (EOS,
+  or the token completing a stop string); `logprobs` aligns with them, so `score(messages, token_ids)` reproduces
+  them. `text` is the decoded output without special tokens, cut before the first stop string.
+  `finish_reason` is "stop" (EOS or stop string) or "length" (max_new_tokens reached).
+- Log-probs are under the model's untempered, unfiltered distribution (log_softmax of the raw logits), whatever
+  temperature/top_p sampled the token: the quantity RL re-scores and differentiates.
+- Decoding: left padding, KV cache, rows that finish leave the batch (their cache rows and adapter rows dropped);
+  temperature 0 is greedy; otherwise temperature + nucleus sampling from a `torch.Generator` seeded by `seed`.
+- Every call runs in chunks of at most `max_batch_size` samples.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import torch
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from haps_ray.config import CandidateConfig
+from haps_ray.lora import Adapter, adapter_shapes, attach_lora, select_adapter_rows, use_adapters
+from haps_ray.models import load_model, model_checksum
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+Messages = list[dict[str, str]]
+
+
+@dataclass
+class Generation:
+    """One sample's output of `LLMEngine.generate` (see the module docstring for the conventions)."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    n_input_tokens: int
+    n_output_tokens: int
+    finish_reason: str  # "stop" | "length"
+
+
+@dataclass
+class Buckets(Generic[T]):
+    """A mixed batch grouped by engine: `groups[key]` holds original indices, in original order."""
+
+    items: list[T]
+    groups: dict[Hashable, list[int]] = field(default_factory=dict)
+
+    def select(self, key: Hashable) -> list[T]:
+        """The items of one bucket, in their original relative order."""
+        return [self.items[i] for i in self.groups[key]]
+
+    def scatter(self, results: dict[Hashable, Sequence[R]]) -> list[R]:
+        """Per-bucket results (aligned with `select(key)`) back into one list in the original batch order."""
+        out: list[Any] = [None] * len(self.items)
+        for key, indices in self.groups.items():
+            if key not in results:
+                raise KeyError(f"no results for bucket {key!r}")
+            got = results[key]
+            if len(got) != len(indices):
+                raise ValueError(f"bucket {key!r}: {len(got)} results for {len(indices)} items")
+            for i, r in zip(indices, got):
+                out[i] = r
+        return out
+
+
+def bucket_by_engine(items: Sequence[T], key: Callable[[T], Hashable]) -> Buckets[T]:
+    """Group a mixed batch by base model (`key(item)` = engine name) so each engine gets one batched call."""
+    buckets: Buckets[T] = Buckets(list(items))
+    for i, item in enumerate(buckets.items):
+        buckets.groups.setdefault(key(item), []).append(i)
+    return buckets
+
+
+def _pick_tokens(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Next token per row: argmax when temperature == 0, else temperature + nucleus (top_p) sampling."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p >= 1.0:
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    # keep the smallest prefix whose mass reaches top_p: a token goes if the mass before it already does
+    sorted_p = sorted_p.masked_fill(sorted_p.cumsum(dim=-1) - sorted_p >= top_p, 0.0)
+    choice = torch.multinomial(sorted_p, 1, generator=generator)
+    return order.gather(-1, choice).squeeze(-1)
+
+
+def _chunks(n: int, size: int) -> list[slice]:
+    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+class LLMEngine:
+    """A frozen causal LM with per-sample LoRA on `o_proj` of its last `lora_layers` decoder layers."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        name: str,
+        lora_layers: int = 1,
+        max_batch_size: int = 32,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError(f"engine {name!r}: tokenizer has no chat template")
+        self.model = model.eval()
+        self.model.requires_grad_(False)  # frozen: adapter_grads differentiates the factors only
+        self.tokenizer = tokenizer
+        self.name = name
+        self.max_batch_size = max_batch_size
+        self._checksum: str | None = None
+        self.lora = attach_lora(model, lora_layers)
+        self.device = next(model.parameters()).device
+        self.eos_ids = self._eos_ids()
+        pad = tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else min(self.eos_ids)
+        bos = tokenizer.bos_token_id
+        plain = tokenizer("a", add_special_tokens=True)["input_ids"]
+        self._bos_to_add = bos if bos is not None and plain and plain[0] == bos else None
+
+    @classmethod
+    def from_config(cls, candidate: CandidateConfig, lora_layers: int = 1) -> LLMEngine:
+        """Load the candidate's weights (`haps_ray.models.load_model`) and wrap them."""
+        model, tokenizer = load_model(candidate.model, dtype=candidate.dtype, device=candidate.device)
+        return cls(model, tokenizer, candidate.name, lora_layers=lora_layers, max_batch_size=candidate.max_batch_size)
+
+    def _eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for source in (self.tokenizer.eos_token_id, getattr(self.model.generation_config, "eos_token_id", None)):
+            if source is not None:
+                ids.update([source] if isinstance(source, int) else source)
+        if not ids:
+            raise ValueError(f"engine {self.name!r}: neither tokenizer nor generation config defines an EOS token")
+        return ids
+
+    @property
+    def checksum(self) -> str:
+        """sha256 of the base weights (`haps_ray.models.model_checksum`), computed once on first use."""
+        if self._checksum is None:
+            self._checksum = model_checksum(self.model)
+        return self._checksum
+
+    def info(self) -> dict[str, Any]:
+        """What identifies this engine and what adapters it takes."""
+        return {
+            "name": self.name,
+            "model_type": self.model.config.model_type,
+            "checksum": self.checksum,
+            "lora_layers": len(self.lora),
+            "adapter_shapes": adapter_shapes(self.model),  # (d_in, d_out) per wrapped layer, shallowest first
+            "hidden_size": self.model.config.hidden_size,
+            "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
+            "device": str(self.device),
+            "max_batch_size": self.max_batch_size,
+        }
+
+    # ---- prompts ----
+
+    def encode_prompt(self, messages: Messages, where: str = "messages") -> list[int]:
+        """Token ids of the templated chat, ending with the assistant generation prompt; exactly one BOS."""
+        if not isinstance(messages, list) or not messages:
+            raise ValueError(f"{where}: expected a non-empty list of chat messages, got {type(messages).__name__}")
+        for j, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise ValueError(f"{where}[{j}]: a message needs string 'role' and 'content', got {m!r:.80}")
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if self._bos_to_add is not None and (not ids or ids[0] != self._bos_to_add):
+            ids.insert(0, self._bos_to_add)
+        return ids
+
+    def _encode_prompts(self, messages: Sequence[Messages]) -> list[list[int]]:
+        return [self.encode_prompt(m, where=f"messages[{i}]") for i, m in enumerate(messages)]
+
+    def _left_pad(self, seqs: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask, position_ids), left padded; positions count real tokens only."""
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, s in enumerate(seqs):
+            ids[row, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+            mask[row, width - len(s) :] = 1
+        positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
+        return ids.to(self.device), mask.to(self.device), positions.to(self.device)
+
+    def _check_adapters(self, adapters: Sequence[Adapter | None] | None, n: int) -> list[Adapter | None]:
+        if adapters is None:
+            return [None] * n
+        if len(adapters) != n:
+            raise ValueError(f"engine {self.name!r}: {len(adapters)} adapters for {n} samples")
+        return list(adapters)
+
+    # ---- generation ----
+
+    def generate(
+        self,
+        messages: Sequence[Messages],
+        adapters: Sequence[Adapter | None] | None = None,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop: Sequence[str] | None = None,
+        seed: int | None = None,
+    ) -> list[Generation]:
+        """Decode every chat in `messages` with its own adapter; see the module docstring for the outputs."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+        stops = [s for s in (stop or []) if s]
+        adapters = self._check_adapters(adapters, len(messages))
+        prompts = self._encode_prompts(messages)
+        generator = None
+        if seed is not None and temperature > 0:
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+        out: list[Generation] = []
+        for part in _chunks(len(prompts), self.max_batch_size):
+            out += self._generate_chunk(prompts[part], adapters[part], max_new_tokens, temperature, top_p, stops, generator)
+        return out
+
+    def _hits_stop(self, tokens: list[int], stops: list[str]) -> bool:
+        # decode only a tail long enough to hold any stop string: a token decodes to >= 1 character
+        # except special and partial-byte tokens, so a margin of a few tokens covers those
+        window = max(len(s) for s in stops) + 4
+        tail = self.tokenizer.decode(tokens[-window:], skip_special_tokens=True)
+        return any(s in tail for s in stops)
+
+    def _finish_text(self, tokens: list[int], stops: list[str]) -> str:
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        cuts = [text.find(s) for s in stops if s in text]
+        return text[: min(cuts)] if cuts else text
+
+    @torch.inference_mode()
+    def _generate_chunk(
+        self,
+        prompts: list[list[int]],
+        adapters: list[Adapter | None],
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        stops: list[str],
+        generator: torch.Generator | None,
+    ) -> list[Generation]:
+        n = len(prompts)
+        input_ids, mask, positions = self._left_pad(prompts)
+        emitted: list[list[int]] = [[] for _ in range(n)]
+        logprobs: list[list[float]] = [[] for _ in range(n)]
+        finish = ["length"] * n
+        active = list(range(n))  # original index of each row still decoding
+        cache = DynamicCache(config=self.model.config)
+        with use_adapters(self.model, adapters):
+            logits = self.model(
+                input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                past_key_values=cache, use_cache=True, logits_to_keep=1,
+            ).logits[:, -1].float()
+            next_pos = positions[:, -1:] + 1
+            for step in range(max_new_tokens):
+                tokens = _pick_tokens(logits, temperature, top_p, generator)
+                chosen = logits.gather(-1, tokens[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+                keep = []
+                for row, (tok, lp) in enumerate(zip(tokens.tolist(), chosen.tolist())):
+                    i = active[row]
+                    emitted[i].append(tok)
+                    logprobs[i].append(lp)
+                    if tok in self.eos_ids or (stops and self._hits_stop(emitted[i], stops)):
+                        finish[i] = "stop"
+                    else:
+                        keep.append(row)
+                if not keep or step == max_new_tokens - 1:
+                    break
+                if len(keep) < len(active):
+                    index = torch.tensor(keep, device=self.device)
+                    cache.batch_select_indices(index)
+                    select_adapter_rows(self.model, index)
+                    mask, next_pos, tokens = mask[index], next_pos[index], tokens[index]
+                    active = [active[row] for row in keep]
+                mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
+                logits = self.model(
+                    input_ids=tokens[:, None], attention_mask=mask, position_ids=next_pos,
+                    past_key_values=cache, use_cache=True,
+                ).logits[:, -1].float()
+                next_pos = next_pos + 1
+        return [
+            Generation(
+                text=self._finish_text(emitted[i], stops),
+                token_ids=emitted[i],
+                logprobs=logprobs[i],
+                n_input_tokens=len(prompts[i]),
+                n_output_tokens=len(emitted[i]),
+                finish_reason=finish[i],
+            )
+            for i in range(n)
+        ]
+
+    # ---- teacher forcing ----
+
+    def _completion_ids(self, completions: Sequence[list[int] | str]) -> list[list[int]]:
+        out = []
+        for i, c in enumerate(completions):
+            if isinstance(c, str):
+                out.append(list(self.tokenizer(c, add_special_tokens=False)["input_ids"]))
+            elif isinstance(c, (list, tuple)) and all(isinstance(t, int) for t in c):
+                out.append(list(c))
+            else:
+                raise ValueError(f"completions[{i}]: expected token ids (list[int]) or text, got {type(c).__name__}")
+        return out
+
+    def _completion_logprobs(
+        self, prompts: list[list[int]], completions: list[list[int]], adapters: Sequence[Adapter | None]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced log p(y_t | prompt, y_<t): (logp, valid) of shape (b, T_max), right-aligned."""
+        longest = max(len(c) for c in completions)
+        if longest == 0:
+            empty = torch.zeros((len(prompts), 0), device=self.device)
+            return empty, empty.bool()
+        input_ids, mask, positions = self._left_pad([p + c for p, c in zip(prompts, completions)])
+        with use_adapters(self.model, adapters):
+            # completions are right-aligned under left padding: the last longest+1 positions predict them all
+            logits = self.model(
+                input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                use_cache=False, logits_to_keep=longest + 1,
+            ).logits[:, :-1]
+        targets = input_ids[:, -longest:]
+        logp = logits.gather(-1, targets[..., None]).squeeze(-1).float() - torch.logsumexp(logits.float(), dim=-1)
+        lengths = torch.tensor([len(c) for c in completions], device=self.device)
+        valid = torch.arange(longest, device=self.device)[None, :] >= longest - lengths[:, None]
+        return torch.where(valid, logp, torch.zeros_like(logp)), valid
+
+    def _teacher_forcing_inputs(
+        self, messages: Sequence[Messages], completions: Sequence[list[int] | str], adapters: Sequence[Adapter | None] | None
+    ) -> tuple[list[list[int]], list[list[int]], list[Adapter | None]]:
+        if len(completions) != len(messages):
+            raise ValueError(f"engine {self.name!r}: {len(completions)} completions for {len(messages)} prompts")
+        return self._encode_prompts(messages), self._completion_ids(completions), self._check_adapters(adapters, len(messages))
+
+    @torch.inference_mode()
+    def score(
+        self,
+        messages: Sequence[Messages],
+        completions: Sequence[list[int] | str],
+        adapters: Sequence[Adapter | None] | None = None,
+    ) -> list[list[float]]:
+        """Per-token log-probs of each completion after its templated prompt (text is tokenized without specials)."""
+        prompts, comps, adapters = self._teacher_forcing_inputs(messages, completions, adapters)
+        out: list[list[float]] = []
+        for part in _chunks(len(prompts), self.max_batch_size):
+            logp, _ = self._completion_logprobs(prompts[part], comps[part], adapters[part])
+            longest = logp.shape[1]
+            out += [logp[row, longest - len(c) :].tolist() for row, c in enumerate(comps[part])]
+        return out
+
+    def adapter_grads(
+        self,
+        messages: Sequence[Messages],
+        completions: Sequence[list[int] | str],
+        adapters: Sequence[Adapter],
+        weights: Sequence[float],
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per sample (dA, dB) = d(w_i · Σ_t log p(y_t)) / d(A_i, B_i), by one forward/backward per chunk.
+
+        The model's weights are frozen and receive no gradient; the returned tensors have the shapes, dtype and
+        device of the given factors. Samples do not interact, so one backward of Σ_i w_i·Σ_t log p gives each
+        sample's own gradient.
+        """
+        prompts, comps, adapters = self._teacher_forcing_inputs(messages, completions, adapters)
+        if len(weights) != len(prompts):
+            raise ValueError(f"engine {self.name!r}: {len(weights)} weights for {len(prompts)} samples")
+        for i, ad in enumerate(adapters):
+            if not isinstance(ad, Adapter):
+                raise ValueError(f"adapters[{i}]: adapter_grads needs an Adapter per sample, got {type(ad).__name__}")
+        out: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for part in _chunks(len(prompts), self.max_batch_size):
+            leaves = [
+                Adapter(a.A.detach().to(self.device).requires_grad_(True), a.B.detach().to(self.device).requires_grad_(True), a.alpha)
+                for a in adapters[part]
+            ]
+            with torch.enable_grad():
+                logp, _ = self._completion_logprobs(prompts[part], comps[part], leaves)
+                w = torch.tensor(list(weights[part]), dtype=logp.dtype, device=self.device)
+                objective = (w * logp.sum(dim=-1)).sum()
+                inputs = [t for leaf in leaves for t in (leaf.A, leaf.B)]
+                grads = torch.autograd.grad(objective, inputs, allow_unused=True) if objective.requires_grad else [None] * len(inputs)
+            for j, given in enumerate(adapters[part]):
+                dA, dB = grads[2 * j], grads[2 * j + 1]
+                dA = torch.zeros_like(given.A) if dA is None else dA.to(device=given.A.device, dtype=given.A.dtype)
+                dB = torch.zeros_like(given.B) if dB is None else dB.to(device=given.B.device, dtype=given.B.dtype)
+                out.append((dA, dB))
+        return out

@@ -1,0 +1,151 @@
+"""The joint learner: owns the HAPS policy and its optimiser; proposes actions, applies one update per batch.
+
+One synchronous RL step:
+
+    plans = learner.propose(problems, mode="sample", seed=step_seed)     # z + detached adapters per rollout
+    ... rollouts run the plans on the engines, rewards come back ...
+    adv = compute_advantages(rewards, group_ids, cfg.baseline, cfg.normalize_advantage)
+    grads = engines' ∂(w_i Σ_t log p)/∂(A, B) with w = generator_weights(adv)
+    metrics = learner.update(problems, [p.assignment for p in plans], adv, grads)
+
+`update` re-runs the policy on the same problems and assignments (parameters have not moved since
+`propose`, so log π(z|x) and the adapters are the ones the rollouts used) to rebuild the graph, rather
+than holding it across the remote round trip; then it backpropagates the router's −A·log π(z|x) and the
+engines' adapter gradients in one pass, clips, and steps AdamW (fp32 master weights; the router backbone
+and the heads are separate parameter groups with their own learning rates, both linearly decayed to
+`final_lr_ratio` over the run). The policy stays in eval mode throughout: log π(z|x) at update time must
+equal the one the rollouts were sampled from, so nothing stochastic (dropout) may run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from haps_ray.config import RLConfig
+from haps_ray.lora import Adapter
+from haps_ray.rl.losses import backward_joint, router_pg_loss
+
+AdapterGrads = Mapping[str, tuple[torch.Tensor, torch.Tensor]]  # candidate name -> (dA, dB)
+
+
+@dataclass
+class Plan:
+    """What one rollout must run: the chosen assignment and the adapters (detached, on CPU) it needs."""
+
+    problem_id: str
+    assignment: tuple[int, ...]
+    z: dict[str, int]
+    log_prob: float
+    adapters: dict[str, Adapter]
+    fallback: bool = False
+    entropy: float = float("nan")  # of π(·|x) over Z (NaN when Z is too large to enumerate)
+
+
+def to_plan(action: Any, entropy: float = float("nan")) -> Plan:
+    """A policy `Action` as a shippable plan: floats and detached CPU adapters."""
+    adapters = {name: ad.detach().to("cpu") for name, ad in action.adapters.items()}
+    return Plan(action.problem_id, tuple(action.assignment), dict(action.z), float(action.log_prob), adapters,
+                action.fallback, entropy)
+
+
+def linear_decay(total_steps: int, final_ratio: float):
+    """LR multiplier: 1 at step 0, `final_ratio` at `total_steps` and after."""
+    total = max(total_steps, 1)
+    return lambda step: 1.0 - (1.0 - final_ratio) * min(step / total, 1.0)
+
+
+class JointLearner:
+    """Router + hypernetwork updates from rollout rewards and remote adapter gradients."""
+
+    def __init__(self, policy: Any, cfg: RLConfig, total_steps: int) -> None:
+        self.policy = policy
+        self.cfg = cfg
+        groups = policy.parameter_groups()
+        param_groups = [
+            {"params": groups["router"], "lr": cfg.router_lr, "name": "router"},
+            {"params": groups["heads"], "lr": cfg.generator_lr, "name": "heads"},
+        ]
+        self.optimizer = torch.optim.AdamW([g for g in param_groups if g["params"]], weight_decay=0.0)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, linear_decay(total_steps, cfg.final_lr_ratio))
+        self.step = 0
+
+    def propose(self, problems: Sequence[Any], mode: str = "sample", seed: int | None = None) -> list[Plan]:
+        """One plan per problem (repeat a problem G times in `problems` for G rollouts of it)."""
+        with torch.no_grad():
+            actions = self.policy.act(problems, mode=mode, seed=seed)
+            entropies = [float("nan")] * len(actions)
+            if self.policy.router.exact:
+                table = self.policy.router.log_probs(problems)
+                entropies = (-(table.exp() * table).sum(-1)).tolist()
+        return [to_plan(a, h) for a, h in zip(actions, entropies)]
+
+    def plans_for(self, problems: Sequence[Any], assignments: Sequence[Sequence[int]]) -> list[Plan]:
+        """Plans for given assignments (fixed or random routing ablations): the heads still write the adapters."""
+        with torch.no_grad():
+            return [to_plan(a) for a in self.policy.evaluate(problems, assignments)]
+
+    def update(
+        self,
+        problems: Sequence[Any],
+        assignments: Sequence[Sequence[int]],
+        advantages: Sequence[float] | torch.Tensor,
+        adapter_grads: Sequence[AdapterGrads],
+    ) -> dict[str, float]:
+        """One optimiser step on the REINFORCE objective; returns losses, grad norms and learning rates."""
+        adv = torch.as_tensor(advantages, dtype=torch.float32).flatten()
+        if not len(problems) == len(assignments) == adv.numel() == len(adapter_grads):
+            raise ValueError(
+                f"update: {len(problems)} problems, {len(assignments)} assignments, {adv.numel()} advantages, "
+                f"{len(adapter_grads)} gradient sets must match"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        actions = self.policy.evaluate(problems, assignments)
+        log_probs = torch.stack([a.log_prob for a in actions])
+        router_loss = router_pg_loss(log_probs, adv.to(log_probs.device)) if self.cfg.reinforce_router else None
+        factors, grads = [], []
+        for i, (action, episode_grads) in enumerate(zip(actions, adapter_grads)):
+            unknown = set(episode_grads) - set(action.adapters)
+            if unknown:
+                raise ValueError(f"rollout {i}: gradients for {sorted(unknown)}, which have no adapter in this assignment")
+            for name, (dA, dB) in episode_grads.items():
+                factors += [action.adapters[name].A, action.adapters[name].B]
+                grads += [dA, dB]
+        backward_joint(router_loss, factors, grads)
+        norms = self._grad_norms()
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        total_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        metrics = {
+            "losses/router_pg": float(router_loss.detach()) if router_loss is not None else 0.0,
+            "grad_norm/total": total_norm,
+            "router/mean_log_prob": float(log_probs.mean()),
+            "router/adv_mean": float(adv.mean()),
+            "router/adv_std": float(adv.std()) if adv.numel() > 1 else 0.0,
+        }
+        metrics.update(norms)
+        for group in self.optimizer.param_groups:
+            metrics[f"lr/{group['name']}"] = group["lr"]
+        return metrics
+
+    def _grad_norms(self) -> dict[str, float]:
+        out = {}
+        for group in self.optimizer.param_groups:
+            sq = sum(float(p.grad.detach().pow(2).sum()) for p in group["params"] if p.grad is not None)
+            out[f"grad_norm/{group['name']}"] = math.sqrt(sq)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """Optimiser, schedule and step (the policy's weights are saved by `policy.save`)."""
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "step": self.step}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])

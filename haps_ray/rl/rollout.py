@@ -1,0 +1,88 @@
+"""Rollouts for joint RL: run the learner's plans as episodes, then ask each engine for its adapter gradients.
+
+    results = run_plans(runner, task_cfg, candidates, problems, plans, seed)
+    grads = adapter_gradients(results, plans, generator_weights(adv), engines)   # per rollout: name -> (dA, dB)
+
+`adapter_gradients` sends each engine one batched `adapter_grads` call holding every call that engine
+served with an adapter, weighted by its episode's w_i, and sums the per-call gradients per (episode,
+engine): ∂/∂(A,B) of w_i Σ_calls Σ_t log p(y_t). With Ray actor handles all engines' calls are in flight
+at once. Frozen weights stay where they are; only r×d gradients travel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from haps_ray.config import TaskConfig
+from haps_ray.episodes import EpisodeResult, EpisodeRunner, is_actor
+from haps_ray.rl.learner import Plan
+from haps_ray.tasks import make_episode
+
+
+def run_plans(
+    runner: EpisodeRunner,
+    task: TaskConfig,
+    candidates: Sequence[str],
+    problems: Sequence[Any],
+    plans: Sequence[Plan],
+    seed: int | None = None,
+) -> list[EpisodeResult]:
+    """One episode per (problem, plan): roles go to the planned candidates, with the planned adapters."""
+    if len(problems) != len(plans):
+        raise ValueError(f"{len(problems)} problems but {len(plans)} plans")
+    episodes = []
+    for problem, plan in zip(problems, plans):
+        if plan.problem_id != problem.id:
+            raise ValueError(f"plan for {plan.problem_id} paired with problem {problem.id}")
+        assignment = {role: candidates[index] for role, index in plan.z.items()}
+        episodes.append(make_episode(task, problem, assignment, adapters=dict(plan.adapters)))
+    return runner.run(episodes, seed=seed)
+
+
+def adapter_gradients(
+    results: Sequence[EpisodeResult],
+    plans: Sequence[Plan],
+    weights: Sequence[float],
+    engines: Mapping[str, Any],
+) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Per rollout, candidate name -> (dA, dB) of w_i Σ log p over every call that candidate made with its adapter.
+
+    Failed episodes (`result.error`) contribute nothing. Weight-zero rollouts are skipped (their gradient is 0).
+    """
+    if not len(results) == len(plans) == len(weights):
+        raise ValueError(f"{len(results)} results, {len(plans)} plans, {len(weights)} weights must match")
+    work: dict[str, list[tuple[int, dict]]] = {}
+    for i, (result, plan) in enumerate(zip(results, plans)):
+        if result.error is not None or weights[i] == 0.0:
+            continue
+        for call in result.calls:
+            name = call["engine"]
+            if call["adapter"] and name in plan.adapters and call["token_ids"]:
+                work.setdefault(name, []).append((i, call))
+    pending: dict[str, Any] = {}
+    for name in sorted(work, key=lambda n: not is_actor(engines[n])):
+        items = work[name]
+        args = (
+            [call["messages"] for _, call in items],
+            [call["token_ids"] for _, call in items],
+            [plans[i].adapters[name] for i, _ in items],
+            [float(weights[i]) for i, _ in items],
+        )
+        engine = engines[name]
+        pending[name] = engine.adapter_grads.remote(*args) if is_actor(engine) else engine.adapter_grads(*args)
+    out: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in results]
+    for name, handle in pending.items():
+        if not isinstance(handle, list):
+            import ray
+
+            handle = ray.get(handle)
+        for (i, _), (dA, dB) in zip(work[name], handle):
+            if name in out[i]:
+                sA, sB = out[i][name]
+                out[i][name] = (sA + dA, sB + dB)
+            else:
+                out[i][name] = (dA, dB)
+    return out

@@ -1,0 +1,255 @@
+"""The joint HAPS policy: router backbone + high-level router + hypernetwork heads in one module.
+
+For a batch of problems, one backbone forward over the routing prompts feeds both levels: the
+high-level router scores (or decodes) assignments z from its logits and KV cache, and the heads read
+the mask-mean of the same final hidden states to write one LoRA adapter per chosen open-source
+candidate. This is what RL, evaluation and serving call:
+
+    policy = HAPSPolicy.from_config(cfg, adapter_shapes={"llama": [(64, 64)], ...})
+    actions = policy.act(problems, mode="sample", seed=step)     # z, log π(z|x), adapters
+    actions[0].adapters["llama"]                                  # haps_ray.lora.Adapter, for the engine
+    policy.save(run_dir / "policy"); HAPSPolicy.load(run_dir / "policy")   # bit-exact round trip
+
+The backbone keeps fp32 master weights with gradients on (load_model hands out frozen models); with
+`share_backbone=False` the heads read a separate frozen copy of the initial backbone instead (the
+paper's w/o-sharing ablation), and with `backbone_grad=False` the pooled features are detached.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import PreTrainedModel
+
+from haps_ray.config import ExperimentConfig, RouterConfig, from_dict, to_dict
+from haps_ray.lora import Adapter
+from haps_ray.models import load_model
+from haps_ray.routing.high_level import HighLevelRouter, PromptBatch, PromptState
+from haps_ray.routing.hypernet import HyperNetwork, shapes_from_hf_config
+from haps_ray.routing.prompt import RoutingSpec
+
+HEADS_FILE = "heads.safetensors"
+META_FILE = "policy.json"
+
+
+@dataclass
+class Action:
+    """The policy's output for one problem."""
+
+    problem_id: str
+    assignment: tuple[int, ...]  # candidate index per role, in role order
+    z: dict[str, int]  # role -> candidate index
+    log_prob: torch.Tensor  # scalar log π(z|x), differentiable into the backbone
+    adapters: dict[str, Adapter]  # candidate name -> adapter, only open candidates that z uses
+    fallback: bool = False  # the router's generated answer was unreadable; z was drawn uniformly
+    router_text: str | None = None  # generation path: the router's raw answer
+
+
+def compute_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype for router.dtype on this device (None = plain fp32)."""
+    if device.type != "cuda" or name == "float32":
+        return None
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "auto": torch.bfloat16}[name]
+
+
+class HAPSPolicy(nn.Module):
+    """Router backbone, high-level router and per-candidate hypernetwork heads."""
+
+    def __init__(
+        self,
+        router: HighLevelRouter,
+        adapter_shapes: Mapping[str, Sequence[tuple[int, int]]],
+        open_source: Sequence[bool],
+        cfg: RouterConfig,
+        feature_model: PreTrainedModel | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        spec = router.spec
+        if len(open_source) != spec.num_candidates:
+            raise ValueError(f"open_source has {len(open_source)} flags for {spec.num_candidates} candidates")
+        open_names = [n for n, flag in zip(spec.candidates, open_source) if flag]
+        closed = sorted(set(adapter_shapes) - set(open_names))
+        missing = [n for n in open_names if n not in adapter_shapes]
+        if closed:
+            raise ValueError(f"adapter shapes given for {closed}, which are not open-source candidates (closed ones get no head)")
+        if missing:
+            raise ValueError(f"no adapter shapes for open-source candidates {missing}")
+        self.cfg = cfg
+        self.open_source = tuple(bool(f) for f in open_source)
+        self.router = router
+        device = router.device
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.hypernet = HyperNetwork(router.model.config.hidden_size, {n: adapter_shapes[n] for n in open_names}, cfg)
+        self.hypernet.to(device)
+        # load_model hands out frozen models; the policy trains its backbone (fp32 master weights).
+        router.model.float().requires_grad_(True)
+        self.feature_model: PreTrainedModel | None = None
+        if not cfg.share_backbone:
+            frozen = feature_model if feature_model is not None else copy.deepcopy(router.model)
+            self.feature_model = frozen.eval().requires_grad_(False)
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_config(
+        cls, cfg: ExperimentConfig, adapter_shapes: Mapping[str, Sequence[tuple[int, int]]] | None = None
+    ) -> HAPSPolicy:
+        """Load the router backbone and build heads for every open candidate.
+
+        Pass `adapter_shapes` (e.g. from `LLMEngine.info()["adapter_shapes"]`) to avoid loading candidate
+        weights here; without it each open candidate is loaded once to read its config.
+        """
+        model, tokenizer = load_model(cfg.router.backbone, dtype="float32", device=cfg.router.device)
+        router = HighLevelRouter(
+            model,
+            tokenizer,
+            RoutingSpec.from_config(cfg),
+            max_prompt_tokens=cfg.router.max_prompt_tokens,
+            max_exact_assignments=cfg.router.max_exact_assignments,
+            max_new_tokens=cfg.router.max_new_tokens,
+            compute_dtype=compute_dtype(cfg.router.dtype, next(model.parameters()).device),
+            seed=cfg.seed,
+        )
+        if adapter_shapes is None:
+            adapter_shapes = {
+                c.name: shapes_from_hf_config(load_model(c.model, device="cpu")[0].config, cfg.router.lora_layers)
+                for c in cfg.open_candidates
+            }
+        return cls(router, adapter_shapes, [c.open_source for c in cfg.candidates], cfg.router, seed=cfg.seed)
+
+    # ------------------------------------------------------------------ acting
+
+    @property
+    def spec(self) -> RoutingSpec:
+        return self.router.spec
+
+    def features(self, batch: PromptBatch, state: PromptState) -> torch.Tensor:
+        """Pooled prompt features (B, d) for the heads: the shared pass, or the frozen copy's own pass."""
+        if self.feature_model is None:
+            pooled = state.pooled()
+            return pooled if self.cfg.backbone_grad else pooled.detach()
+        mask = batch.attention_mask
+        with torch.no_grad(), self.router.autocast():
+            hidden = self.feature_model.get_decoder()(
+                input_ids=batch.input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)
+            ).last_hidden_state
+        frozen = PromptState(hidden, mask, mask.sum(-1), state.next_logits, [])
+        return frozen.pooled()
+
+    def adapters_for(self, features: torch.Tensor, assignments: Sequence[Sequence[int]]) -> list[dict[str, Adapter]]:
+        """Per problem: one adapter for each open candidate its assignment uses (one head pass per candidate)."""
+        out: list[dict[str, Adapter]] = [{} for _ in assignments]
+        for cid, name in enumerate(self.spec.candidates):
+            if not self.open_source[cid]:
+                continue
+            rows = [b for b, z in enumerate(assignments) if cid in z]
+            if rows:
+                for b, adapter in zip(rows, self.hypernet.adapters(name, features[rows])):
+                    out[b][name] = adapter
+        return out
+
+    def act(self, problems: Sequence[Any], mode: str = "sample", seed: int | None = None) -> list[Action]:
+        """Choose z for every problem (`sample` from π or `greedy`) and write the adapters it needs."""
+        batch = self.router.encode(problems)
+        state = self.router.forward_prompt(batch)
+        decisions = self.router.decide(batch, state, mode, seed)
+        adapters = self.adapters_for(self.features(batch, state), [d.z for d in decisions])
+        return [
+            Action(pid, d.z, self.spec.as_dict(d.z), d.log_prob, ads, d.fallback, d.text)
+            for pid, d, ads in zip(batch.ids, decisions, adapters)
+        ]
+
+    def evaluate(self, problems: Sequence[Any], assignments: Sequence[Sequence[int] | Mapping[str, int]]) -> list[Action]:
+        """log π(z|x) and adapters for given assignments (the learner re-scoring a rollout's choices)."""
+        if len(assignments) != len(problems):
+            raise ValueError(f"{len(problems)} problems but {len(assignments)} assignments")
+        zs = [self.spec.from_dict(z) if isinstance(z, Mapping) else tuple(int(i) for i in z) for z in assignments]
+        batch = self.router.encode(problems)
+        state = self.router.forward_prompt(batch)
+        log_probs = self.router.log_prob_of(state, zs)
+        adapters = self.adapters_for(self.features(batch, state), zs)
+        return [
+            Action(pid, z, self.spec.as_dict(z), log_probs[b], ads)
+            for b, (pid, z, ads) in enumerate(zip(batch.ids, zs, adapters))
+        ]
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable parameters by optimiser group: the router backbone and the hypernetwork heads."""
+        return {
+            "router": [p for p in self.router.model.parameters() if p.requires_grad],
+            "heads": [p for p in self.hypernet.parameters() if p.requires_grad],
+        }
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self, path: str | Path) -> None:
+        """Backbone (HF save_pretrained + tokenizer), the frozen copy if any, heads (safetensors), metadata."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.router.model.save_pretrained(path / "backbone")
+        self.router.tokenizer.save_pretrained(path / "backbone")
+        if self.feature_model is not None:
+            self.feature_model.save_pretrained(path / "feature_backbone")
+        shapes = self.hypernet.shapes()
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.hypernet.state_dict().items()}
+        save_file(tensors, str(path / HEADS_FILE), metadata={"names": json.dumps(self.hypernet.names)})
+        spec = self.spec
+        meta = {
+            "router": to_dict(self.cfg),
+            "spec": {
+                "task": spec.task,
+                "roles": list(spec.roles),
+                "candidates": list(spec.candidates),
+                "candidate_descriptions": dict(spec.candidate_descriptions),
+                "role_descriptions": dict(spec.role_descriptions),
+            },
+            "open_source": list(self.open_source),
+            "adapter_shapes": {n: [list(s) for s in v] for n, v in shapes.items()},
+        }
+        (path / META_FILE).write_text(json.dumps(meta, indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "auto", seed: int = 0) -> HAPSPolicy:
+        """Rebuild a saved policy; every weight comes back bit-exactly."""
+        path = Path(path)
+        if not (path / META_FILE).is_file():
+            raise FileNotFoundError(f"{path}: not a policy checkpoint (no {META_FILE})")
+        meta = json.loads((path / META_FILE).read_text())
+        cfg = from_dict(RouterConfig, meta["router"], "router")
+        spec_meta = meta["spec"]
+        spec = RoutingSpec(
+            task=spec_meta["task"],
+            roles=tuple(spec_meta["roles"]),
+            candidates=tuple(spec_meta["candidates"]),
+            candidate_descriptions=spec_meta["candidate_descriptions"],
+            role_descriptions=spec_meta["role_descriptions"],
+        )
+        model, tokenizer = load_model(str(path / "backbone"), dtype="float32", device=device)
+        router = HighLevelRouter(
+            model,
+            tokenizer,
+            spec,
+            max_prompt_tokens=cfg.max_prompt_tokens,
+            max_exact_assignments=cfg.max_exact_assignments,
+            max_new_tokens=cfg.max_new_tokens,
+            compute_dtype=compute_dtype(cfg.dtype, next(model.parameters()).device),
+            seed=seed,
+        )
+        feature_model = None
+        if not cfg.share_backbone:
+            feature_model, _ = load_model(str(path / "feature_backbone"), dtype="float32", device=device)
+        shapes = {n: [tuple(s) for s in v] for n, v in meta["adapter_shapes"].items()}
+        policy = cls(router, shapes, meta["open_source"], cfg, feature_model=feature_model, seed=seed)
+        tensors = load_file(str(path / HEADS_FILE), device=str(router.device))
+        policy.hypernet.load_state_dict(tensors, strict=True)
+        return policy

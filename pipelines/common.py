@@ -1,0 +1,127 @@
+"""Shared entry-point plumbing: `--config` / `--set` parsing, logging, connecting to Ray, the run directory.
+
+Every pipeline does the same four things first:
+
+    args = parse_args("Build the action-level dataset D", argv)
+    cfg = load(args)                      # YAML + --set dotted.key=value overrides, validated
+    setup_logging(args.log_level)
+    init_ray(cfg)                         # join a running cluster, or start a local Ray
+
+Ray address resolution (first that applies): an already-initialised Ray in this process; `cfg.ray_address`;
+the `RAY_ADDRESS` environment variable (set by `ray job submit` for the job's driver); a cluster already
+running on this machine (`address="auto"`); otherwise a fresh local Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import ray
+import yaml
+
+from haps_ray import storage
+from haps_ray.config import ConfigError, ExperimentConfig, load_config, to_dict
+from haps_ray.tasks import Problem, load_problems, sample_problems
+
+logger = logging.getLogger(__name__)
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def build_parser(description: str) -> argparse.ArgumentParser:
+    """The common arguments; a pipeline may add its own before calling `parse_args` on it."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", required=True, help="YAML experiment config (see tune_configs/).")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="Override one config field, e.g. --set dataset.batch_size=8 (repeatable; values parsed as YAML).",
+    )
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return parser
+
+
+def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    return build_parser(description).parse_args(argv)
+
+
+def load(args: argparse.Namespace) -> ExperimentConfig:
+    """The validated config named by `--config` with every `--set` applied."""
+    return load_config(args.config, overrides=list(args.overrides))
+
+
+def setup_logging(level: str = "INFO") -> None:
+    """Root logging to stderr with timestamps; quiet the chattiest third-party loggers."""
+    logging.basicConfig(level=getattr(logging, level), format=LOG_FORMAT, force=True)
+    for noisy in ("urllib3", "botocore", "filelock", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def init_ray(cfg: ExperimentConfig, **local_kwargs) -> str:
+    """Connect to the configured/running Ray cluster or start a local one; returns how it connected.
+
+    `local_kwargs` (e.g. num_cpus) apply only when a local Ray is started.
+    """
+    if ray.is_initialized():
+        return "already initialised"
+    address = cfg.ray_address or os.environ.get("RAY_ADDRESS", "")
+    if address:
+        ray.init(address=address)
+        logger.info("connected to Ray at %s", address)
+        return f"address {address}"
+    try:
+        ray.init(address="auto")
+        logger.info("connected to the Ray cluster running on this machine")
+        return "running cluster"
+    except ConnectionError:
+        ray.init(**local_kwargs)
+        logger.info("no Ray cluster reachable: started a local Ray (%s CPUs)", ray.cluster_resources().get("CPU"))
+        return "local"
+
+
+def resolve_location(location: str) -> str:
+    """A local path made absolute, or an s3:// URI as is.
+
+    A relative local path is taken against `$HAPS_RUN_ROOT` when set, else the working directory. Under
+    `ray job submit --working-dir .` the working directory is a temporary copy, so jobs should use an
+    absolute path, `$HAPS_RUN_ROOT` or s3:// to keep their outputs.
+    """
+    if storage.is_s3(location):
+        return location.rstrip("/")
+    path = Path(location).expanduser()
+    if not path.is_absolute():
+        path = Path(os.environ.get("HAPS_RUN_ROOT") or os.getcwd()) / path
+    return str(path.resolve())
+
+
+def resolve_run_dir(cfg: ExperimentConfig) -> str:
+    """`cfg.run_dir` resolved by `resolve_location`."""
+    return resolve_location(cfg.run_dir)
+
+
+def save_resolved_config(cfg: ExperimentConfig, run_dir: str, name: str = "config.yaml") -> str:
+    """Write the fully resolved config next to the outputs; returns its URI."""
+    uri = storage.join(run_dir, name)
+    storage.write_text(uri, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    logger.info("resolved config written to %s", uri)
+    return uri
+
+
+def load_split(cfg: ExperimentConfig, split: str) -> list[Problem]:
+    """The problems of one split: `task.<split>_path` loaded, then `task.n_<split>` sampled with `task.seed`.
+
+    MMLU samples are stratified by subject (paper: 300/100 over 57 subjects). Bad records are reported by
+    the loader (file:line) and skipped; the count is logged here.
+    """
+    source = getattr(cfg.task, f"{split}_path")
+    if not source:
+        raise ConfigError(f"task.{split}_path: empty, but split {split!r} was asked for")
+    problems, report = load_problems(cfg.task.name, source)
+    if report.n_bad:
+        logger.warning("%s: skipped %d bad records", source, report.n_bad)
+    chosen = sample_problems(problems, getattr(cfg.task, f"n_{split}"), cfg.task.seed, stratify=cfg.task.name == "mmlu")
+    logger.info("split %s: %d problems from %s", split, len(chosen), source)
+    return chosen

@@ -1,0 +1,93 @@
+"""The whole HAPS pipeline for one config, end to end: data → D → SFT → joint RL → evaluation.
+
+    python -m pipelines.run --config tune_configs/demo_mmlu_offline.yaml        # what `make demo` runs
+    ray job submit --working-dir . -- python -m pipelines.run --config tune_configs/<name>.yaml
+
+Each stage writes under <run_dir>; a stage that finished is recorded in <run_dir>/stages.json and skipped
+when the command is run again (D building and RL also resume from inside a stage), so an interrupted run
+continues where it stopped. `--fresh` deletes the run directory first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from haps_ray.config import ExperimentConfig, save_config
+from haps_ray.metrics import format_seconds
+from pipelines import build_dataset, common, data, evaluate, sft, train
+
+logger = logging.getLogger("pipelines.run")
+
+STAGES = ("data", "dataset", "sft", "rl", "evaluate")
+
+
+def with_prepared_data(cfg: ExperimentConfig, summary: dict) -> ExperimentConfig:
+    """The config with every split pointing at its prepared Parquet file, taken whole (n_<split> = 0)."""
+    task = dataclasses.replace(cfg.task)
+    for split, info in summary["splits"].items():
+        setattr(task, f"{split}_path", info["uri"])
+        setattr(task, f"n_{split}", 0)
+    return dataclasses.replace(cfg, task=task)
+
+
+def run(cfg: ExperimentConfig, run_dir: str) -> dict:
+    """Run (or continue) every stage; returns per-stage wall times and the final results table."""
+    root = Path(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    stages_path = root / "stages.json"
+    record = json.loads(stages_path.read_text()) if stages_path.is_file() else {}
+    timings: dict[str, float] = {}
+
+    def stage(name: str, work: Callable[[], object]) -> None:
+        if name in record:
+            logger.info("stage %s: done in an earlier run, skipped", name)
+            return
+        logger.info("stage %d/%d: %s", STAGES.index(name) + 1, len(STAGES), name)
+        started = time.perf_counter()
+        result = work()
+        timings[name] = time.perf_counter() - started
+        record[name] = {"seconds": timings[name], "result": result}
+        stages_path.write_text(json.dumps(record, indent=2, default=str))
+        logger.info("stage %s finished in %s", name, format_seconds(timings[name]))
+
+    stage("data", lambda: data.prepare(cfg, str(root / "data")))
+    prepared = with_prepared_data(cfg, record["data"]["result"])
+    config_path = root / "config.prepared.yaml"
+    save_config(prepared, config_path)
+    stage("dataset", lambda: build_dataset.main(["--config", str(config_path)]))
+    stage("sft", lambda: sft.run_sft(prepared, run_dir))
+    init_policy = record["sft"]["result"]["best_policy"]
+    stage("rl", lambda: train.train(prepared, run_dir, init_policy=init_policy))
+    stage("evaluate", lambda: [dataclasses.asdict(r) for r in evaluate.evaluate(prepared, run_dir, record["rl"]["result"]["best_policy"])])
+    return {"seconds": {k: v["seconds"] for k, v in record.items()}, "table": (root / "eval" / "results.md").read_text()}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = common.build_parser("The whole HAPS pipeline: data, D, SFT, joint RL, evaluation")
+    parser.add_argument("--fresh", action="store_true", help="Delete the run directory and start over.")
+    args = parser.parse_args(argv)
+    common.setup_logging(args.log_level)
+    cfg = common.load(args)
+    run_dir = common.resolve_run_dir(cfg)
+    if args.fresh:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    common.init_ray(cfg)
+    common.save_resolved_config(cfg, run_dir)
+    started = time.perf_counter()
+    summary = run(cfg, run_dir)
+    print(summary["table"])
+    for name, seconds in summary["seconds"].items():
+        print(f"{name:>9}: {format_seconds(seconds)}")
+    print(f"total wall time this invocation: {format_seconds(time.perf_counter() - started)}; outputs in {run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""LLMEngine (haps_ray.engine) and EngineActor (actors.engine) on tiny random-weight Llama, Qwen2 and Mistral, fp32.
+
+References are independent of the engine: a merged-weight copy of the plain model (W + alpha·B A) run one sample
+at a time without padding, plain autograd through that merged weight, and the plain tokenizer.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from haps_ray.config import CandidateConfig
+from haps_ray.engine import LLMEngine, bucket_by_engine
+from haps_ray.lora import Adapter, decoder_layers
+from tests.test_lora import ARCHS, merged_model, random_adapter
+
+CHATS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "2+2?"}],
+    [{"role": "user", "content": "Name three prime numbers and explain why each one is prime."}],
+]
+
+
+def make_engine(make_tiny, arch: str, k: int = 1, **kwargs) -> tuple[LLMEngine, nn.Module]:
+    """An engine plus an untouched copy of its base model (the reference's starting point)."""
+    model, tok = make_tiny(arch)
+    plain = copy.deepcopy(model)
+    return LLMEngine(model, tok, name=f"tiny-{arch}", lora_layers=k, **kwargs), plain
+
+
+def mixed_adapters(engine: LLMEngine, k: int = 1) -> list[Adapter | None]:
+    return [random_adapter(engine.model, k, 8, 1.0, seed=21), None, random_adapter(engine.model, k, 4, 0.5, seed=22)]
+
+
+def reference_logprobs(model: nn.Module, prompt: list[int], completion: list[int]) -> torch.Tensor:
+    """log p(completion | prompt) from one unpadded forward of `model`."""
+    ids = torch.tensor([prompt + completion])
+    logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
+    return logp[len(prompt) - 1 : -1].gather(-1, torch.tensor(completion)[:, None]).squeeze(-1)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_mixed_batch_generate_and_score_match_per_sample_merged_runs(make_tiny, arch: str) -> None:
+    engine, plain = make_engine(make_tiny, arch)
+    adapters = mixed_adapters(engine)
+    gens = engine.generate(CHATS, adapters, max_new_tokens=6)
+    for i, (chat, adapter, gen) in enumerate(zip(CHATS, adapters, gens)):
+        reference = LLMEngine(merged_model(plain, adapter), engine.tokenizer, name="ref")
+        alone = reference.generate([chat], max_new_tokens=6)[0]
+        assert gen.token_ids == alone.token_ids, f"sample {i}"
+        assert gen.n_input_tokens == len(engine.encode_prompt(chat))
+        assert gen.n_output_tokens == len(gen.token_ids)
+        with torch.no_grad():
+            expected = reference_logprobs(merged_model(plain, adapter), engine.encode_prompt(chat), gen.token_ids)
+        assert (torch.tensor(gen.logprobs) - expected).abs().max().item() < 1e-5
+    scored = engine.score(CHATS, [g.token_ids for g in gens], adapters)
+    for gen, s in zip(gens, scored):
+        assert len(s) == len(gen.token_ids)
+        assert (torch.tensor(s) - torch.tensor(gen.logprobs)).abs().max().item() < 1e-5
+    base = engine.generate(CHATS, max_new_tokens=6)
+    assert base[0].token_ids != gens[0].token_ids or base[2].token_ids != gens[2].token_ids  # adapters matter
+    assert base[1].token_ids == gens[1].token_ids  # the None sample is the base model
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_adapter_grads_equal_autograd_through_merged_weights(make_tiny, arch: str) -> None:
+    k = 2
+    engine, plain = make_engine(make_tiny, arch, k=k)
+    adapters = [random_adapter(engine.model, k, 8, 0.5, seed=31), random_adapter(engine.model, k, 4, 1.0, seed=32)]
+    completions = [[11, 220, 4821, 17], "Paris is the answer"]
+    weights = [0.7, -1.3]
+    grads = engine.adapter_grads(CHATS[:2], completions, adapters, weights)
+    assert all(p.grad is None and not p.requires_grad for p in engine.model.parameters())
+    for i, (chat, completion, adapter, w) in enumerate(zip(CHATS, completions, adapters, weights)):
+        ids = completion if isinstance(completion, list) else engine.tokenizer(completion, add_special_tokens=False)["input_ids"]
+        A, B = adapter.A.clone().requires_grad_(True), adapter.B.clone().requires_grad_(True)
+        ref = copy.deepcopy(plain)
+        for l, layer in enumerate(decoder_layers(ref)[-k:]):
+            W = layer.self_attn.o_proj.weight
+            layer.self_attn.o_proj = _MergedLinear(W, A, B, l, adapter.alpha)
+        (w * reference_logprobs(ref, engine.encode_prompt(chat), ids).sum()).backward()
+        dA, dB = grads[i]
+        assert dA.shape == adapter.A.shape and dB.shape == adapter.B.shape
+        assert torch.allclose(dA, A.grad, atol=1e-5, rtol=1e-4), f"sample {i} dA"
+        assert torch.allclose(dB, B.grad, atol=1e-5, rtol=1e-4), f"sample {i} dB"
+        assert A.grad.abs().max() > 1e-4  # not vacuous
+
+
+class _MergedLinear(nn.Module):
+    """o_proj with weight W + alpha · B[l] @ A[l], differentiable in A and B: the autograd reference."""
+
+    def __init__(self, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, l: int, alpha: float) -> None:
+        super().__init__()
+        self.W, self.A, self.B, self.l, self.alpha = W, A, B, l, alpha
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.W + self.alpha * self.B[self.l] @ self.A[self.l])
+
+
+def test_adapter_grads_chunked_and_empty_completion(make_tiny) -> None:
+    engine, _ = make_engine(make_tiny, "llama", max_batch_size=2)
+    whole, _ = make_engine(make_tiny, "llama", max_batch_size=8)
+    adapters = mixed_adapters(engine)
+    adapters[1] = random_adapter(engine.model, 1, 8, 1.0, seed=40)
+    completions = [[5, 6, 7], [], [8, 9]]
+    chunked = engine.adapter_grads(CHATS, completions, adapters, [1.0, 1.0, 2.0])
+    full = whole.adapter_grads(CHATS, completions, adapters, [1.0, 1.0, 2.0])
+    for (a1, b1), (a2, b2) in zip(chunked, full):
+        assert torch.allclose(a1, a2, atol=1e-6) and torch.allclose(b1, b2, atol=1e-6)
+    assert chunked[1][0].abs().max() == 0 and chunked[1][1].abs().max() == 0  # nothing to differentiate
+    with pytest.raises(ValueError, match=r"adapters\[1\]: adapter_grads needs an Adapter"):
+        engine.adapter_grads(CHATS[:2], [[1], [2]], [adapters[0], None], [1.0, 1.0])
+
+
+def test_greedy_is_deterministic_and_chunking_changes_nothing(make_tiny) -> None:
+    engine, _ = make_engine(make_tiny, "qwen2", max_batch_size=2)
+    adapters = mixed_adapters(engine)
+    first = engine.generate(CHATS, adapters, max_new_tokens=5)
+    again = engine.generate(CHATS, adapters, max_new_tokens=5)
+    engine.max_batch_size = 8
+    whole = engine.generate(CHATS, adapters, max_new_tokens=5)
+    assert [g.token_ids for g in first] == [g.token_ids for g in again] == [g.token_ids for g in whole]
+    assert all(g.finish_reason == "length" and g.n_output_tokens == 5 for g in first)
+
+
+def test_sampling_is_reproducible_with_a_seed(make_tiny) -> None:
+    engine, _ = make_engine(make_tiny, "mistral")
+    adapters = mixed_adapters(engine)
+    a = engine.generate(CHATS, adapters, max_new_tokens=6, temperature=1.0, top_p=0.9, seed=7)
+    b = engine.generate(CHATS, adapters, max_new_tokens=6, temperature=1.0, top_p=0.9, seed=7)
+    c = engine.generate(CHATS, adapters, max_new_tokens=6, temperature=1.0, top_p=0.9, seed=8)
+    assert [g.token_ids for g in a] == [g.token_ids for g in b]
+    assert [g.token_ids for g in a] != [g.token_ids for g in c]
+    # log-probs are under the untempered distribution: score() reproduces them for sampled tokens too
+    scored = engine.score(CHATS, [g.token_ids for g in a], adapters)
+    for g, s in zip(a, scored):
+        assert torch.allclose(torch.tensor(s), torch.tensor(g.logprobs), atol=1e-5)
+    # a nucleus too small to hold more than the top token is greedy decoding
+    tiny_p = engine.generate(CHATS, adapters, max_new_tokens=6, temperature=1.0, top_p=1e-9, seed=3)
+    greedy = engine.generate(CHATS, adapters, max_new_tokens=6)
+    assert [g.token_ids for g in tiny_p] == [g.token_ids for g in greedy]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prompt_is_templated_once_with_one_bos(make_tiny, arch: str) -> None:
+    engine, _ = make_engine(make_tiny, arch)
+    tok = engine.tokenizer
+    text = tok.apply_chat_template(CHATS[1], add_generation_prompt=True, tokenize=False)
+    assert engine.encode_prompt(CHATS[1]) == tok(text, add_special_tokens=False)["input_ids"]
+    # a tokenizer that adds BOS by default: the templated text must not get a second one
+    model, _ = make_tiny(arch)
+    eager = copy.deepcopy(tok)
+    eager.add_bos_token = True
+    bos = eager.bos_token_id
+    ids = LLMEngine(model, eager, name="bos").encode_prompt(CHATS[1])
+    assert ids[0] == bos and ids[1] != bos
+    naive = eager(eager.apply_chat_template(CHATS[1], add_generation_prompt=True, tokenize=False))["input_ids"]
+    if text.startswith(eager.bos_token):  # the template writes BOS itself: the naive route doubles it
+        assert naive[:2] == [bos, bos] and ids == naive[1:]
+    else:  # the template has no BOS: the engine supplies the one the tokenizer expects
+        assert ids == naive
+
+
+def test_stop_strings_and_eos_end_samples_individually(make_tiny) -> None:
+    engine, plain = make_engine(make_tiny, "llama")
+    adapters = mixed_adapters(engine)
+    free = engine.generate(CHATS, adapters, max_new_tokens=8)
+    tok = engine.tokenizer
+    # a stop string completed by a middle token of sample 0: the shortest new tail of its decoded text
+    texts = [tok.decode(free[0].token_ids[:n], skip_special_tokens=True) for n in range(len(free[0].token_ids) + 1)]
+    n, stop = next((n, texts[n][-w:]) for n in range(2, 7) for w in range(2, 6) if texts[n][-w:] not in texts[n - 1])
+    head = texts[n]
+    stopped = engine.generate(CHATS, adapters, max_new_tokens=8, stop=[stop])
+    for i, (full, got) in enumerate(zip(free, stopped)):
+        # reference: the shortest prefix of the unstopped output whose text holds the stop string
+        ends = [n for n in range(1, len(full.token_ids) + 1) if stop in tok.decode(full.token_ids[:n], skip_special_tokens=True)]
+        expected = full.token_ids[: ends[0]] if ends else full.token_ids
+        assert got.token_ids == expected, f"sample {i}"
+        assert got.finish_reason == ("stop" if ends else "length")
+        assert got.text == full.text.split(stop)[0] if ends else got.text == full.text
+        assert torch.allclose(torch.tensor(got.logprobs), torch.tensor(full.logprobs[: len(expected)]), atol=1e-5)
+    assert stopped[0].token_ids == free[0].token_ids[:n] and stopped[0].text == head[: head.find(stop)]
+    # an EOS id (from the generation config) ends a sample and is kept as its last token
+    eos = free[1].token_ids[2]
+    plain.generation_config.eos_token_id = [tok.eos_token_id, eos]
+    with_eos = LLMEngine(plain, tok, name="eos").generate(CHATS[:2], max_new_tokens=8)
+    assert with_eos[1].token_ids == free[1].token_ids[:3] and with_eos[1].finish_reason == "stop"
+    assert with_eos[1].n_output_tokens == 3 and len(with_eos[1].logprobs) == 3
+
+
+def test_score_text_completion_and_no_adapter_path(make_tiny) -> None:
+    engine, plain = make_engine(make_tiny, "qwen2")
+    completions = ["The capital is Paris.", [100, 200, 300, 400, 500]]
+    scored = engine.score(CHATS[:2], completions)
+    assert engine.score(CHATS[:2], completions, [None, None]) == scored
+    for chat, completion, s in zip(CHATS, completions, scored):
+        ids = completion if isinstance(completion, list) else engine.tokenizer(completion, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            expected = reference_logprobs(plain, engine.encode_prompt(chat), ids)
+        assert len(s) == len(ids) and (torch.tensor(s) - expected).abs().max().item() < 1e-5
+
+
+def test_bad_inputs_name_the_sample(make_tiny) -> None:
+    engine, _ = make_engine(make_tiny, "llama")
+    with pytest.raises(ValueError, match=r"messages\[1\]\[0\]: a message needs string 'role' and 'content'"):
+        engine.generate([CHATS[0], [{"role": "user"}]], max_new_tokens=2)
+    with pytest.raises(ValueError, match="1 adapters for 2 samples"):
+        engine.generate(CHATS[:2], [None], max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"completions\[0\]: expected token ids"):
+        engine.score(CHATS[:1], [[1.5, 2]])
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+        engine.generate(CHATS[:1], max_new_tokens=0)
+
+
+def test_bucket_by_engine_scatters_back_in_order() -> None:
+    items = [("llama", "q0"), ("qwen", "q1"), ("llama", "q2"), ("mistral", "q3"), ("qwen", "q4")]
+    buckets = bucket_by_engine(items, key=lambda item: item[0])
+    assert buckets.groups == {"llama": [0, 2], "qwen": [1, 4], "mistral": [3]}
+    assert buckets.select("qwen") == [("qwen", "q1"), ("qwen", "q4")]
+    results = {name: [f"{name}:{q}" for _, q in buckets.select(name)] for name in buckets.groups}
+    assert buckets.scatter(results) == ["llama:q0", "qwen:q1", "llama:q2", "mistral:q3", "qwen:q4"]
+    with pytest.raises(ValueError, match="bucket 'qwen': 1 results for 2 items"):
+        buckets.scatter({**results, "qwen": ["x"]})
+
+
+def test_from_config_and_info(make_tiny) -> None:
+    engine = LLMEngine.from_config(CandidateConfig(name="small", model="tiny-llama", dtype="float32", device="cpu"), 2)
+    info = engine.info()
+    reference, _ = make_tiny("llama")
+    from haps_ray.models import model_checksum
+
+    assert info["name"] == "small" and info["lora_layers"] == 2 and info["model_type"] == "llama"
+    assert info["adapter_shapes"] == [(64, 64), (64, 64)] and info["checksum"] == model_checksum(reference)
+
+
+# ---- EngineActor on a real local Ray cluster ----
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_engine_actor_matches_local_engine(ray_cluster, make_tiny) -> None:
+    from actors.engine import create_engine_actors
+
+    ray = ray_cluster
+    candidate = CandidateConfig(name="tiny", model="tiny-mistral", dtype="float32", device="cpu", num_cpus=0.5, replicas=2)
+    actors = create_engine_actors(candidate, lora_layers=1)
+    local, _ = make_engine(make_tiny, "mistral")
+    adapters = mixed_adapters(local)
+    health = ray.get([a.health.remote() for a in actors])
+    assert all(h["ok"] and h["name"] == "tiny" for h in health) and len({h["pid"] for h in health}) == 2
+    assert ray.get(actors[1].info.remote())["checksum"] == local.checksum
+    remote = ray.get(actors[0].generate.remote(CHATS, adapters, max_new_tokens=5, temperature=1.0, seed=3))
+    mine = local.generate(CHATS, adapters, max_new_tokens=5, temperature=1.0, seed=3)
+    assert [g.token_ids for g in remote] == [g.token_ids for g in mine]
+    assert [g.text for g in remote] == [g.text for g in mine]
+    completions = [g.token_ids for g in mine]
+    assert ray.get(actors[1].score.remote(CHATS, completions, adapters)) == local.score(CHATS, completions, adapters)
+    full = [a if a is not None else random_adapter(local.model, 1, 8, 1.0, seed=50) for a in adapters]
+    remote_grads = ray.get(actors[1].adapter_grads.remote(CHATS, completions, full, [1.0, -0.5, 2.0]))
+    for (ra, rb), (la, lb) in zip(remote_grads, local.adapter_grads(CHATS, completions, full, [1.0, -0.5, 2.0])):
+        assert torch.allclose(ra, la, atol=1e-6) and torch.allclose(rb, lb, atol=1e-6)
+    assert ray.get(actors[0].health.remote())["calls"] == 1
