@@ -11,6 +11,10 @@ engine killed mid-generate, a worker lost), the dead actors are replaced and the
 a failure with every actor alive is a bug and stops the build (committed batches stay for the resume).
 
     report = DatasetBuilder(cfg, "runs/x/dataset/D").build({"train": train, "valid": valid})
+
+    actors = BuildActors(cfg)                 # or share started engines between builds
+    DatasetBuilder(cfg, uri_1, actors).build(...); DatasetBuilder(cfg, uri_2, actors).build(...)
+    actors.shutdown()
 """
 
 from __future__ import annotations
@@ -42,12 +46,13 @@ HEALTH_TIMEOUT_S = 60.0  # an engine busy with another lane's batch answers late
 class DatasetWorker:
     """Runs one batch at a time: episodes in lock-step over the engine handles it is given."""
 
-    def __init__(self, cfg: ExperimentConfig) -> None:
-        self.cfg = cfg
-        self.retriever = Retriever.from_config(cfg.retriever) if cfg.task.name == "hotpotqa" else None
+    def __init__(self) -> None:
+        self.retriever: Retriever | None = None
 
-    def run_batch(self, spec: D.BatchSpec, engines: dict[str, Any], checksums: list[str]) -> list[dict]:
-        return D.run_batch(spec, engines, self.cfg, checksums, self.retriever)
+    def run_batch(self, spec: D.BatchSpec, engines: dict[str, Any], checksums: list[str], cfg: ExperimentConfig) -> list[dict]:
+        if cfg.task.name == "hotpotqa" and self.retriever is None:
+            self.retriever = Retriever.from_config(cfg.retriever)
+        return D.run_batch(spec, engines, cfg, checksums, self.retriever)
 
     def ping(self) -> int:
         return os.getpid()
@@ -117,6 +122,33 @@ class EnginePool:
                 ray.kill(handle)
 
 
+class BuildActors:
+    """The engine pool plus one DatasetWorker per lane; reusable across builds with the same candidates."""
+
+    def __init__(self, cfg: ExperimentConfig, replicas: int | None = None) -> None:
+        self.candidates = [(c.name, c.model) for c in cfg.candidates]
+        self.pool = EnginePool(cfg, cfg.dataset.replicas if replicas is None else replicas)
+        self.workers = [DatasetWorker.remote() for _ in range(self.pool.lanes)]
+        try:
+            self.checksums = self.pool.wait_ready()
+        except Exception:
+            self.shutdown()
+            raise
+
+    def check(self, cfg: ExperimentConfig) -> None:
+        wanted = [(c.name, c.model) for c in cfg.candidates]
+        if wanted != self.candidates:
+            raise ValueError(f"these actors host {self.candidates}, the config asks for {wanted}")
+
+    def replace_worker(self, lane: int) -> None:
+        self.workers[lane] = DatasetWorker.remote()
+
+    def shutdown(self) -> None:
+        self.pool.shutdown()
+        for worker in self.workers:
+            ray.kill(worker)
+
+
 @dataclass
 class BuildReport:
     """What one build did (written to summary.json by the pipeline)."""
@@ -160,11 +192,16 @@ class Progress:
 
 
 class DatasetBuilder:
-    """Enumerates every (problem, z), runs the missing ones on Ray and commits them to D at `d_uri`."""
+    """Enumerates every (problem, z), runs the missing ones on Ray and commits them to D at `d_uri`.
 
-    def __init__(self, cfg: ExperimentConfig, d_uri: str) -> None:
-        self.cfg, self.d_uri = cfg, d_uri
+    `actors` lets several builds share started engines (tests, benchmarks); without it the build
+    starts its own and stops them at the end.
+    """
+
+    def __init__(self, cfg: ExperimentConfig, d_uri: str, actors: BuildActors | None = None) -> None:
+        self.cfg, self.d_uri, self.actors = cfg, d_uri, actors
         self.names = [c.name for c in cfg.candidates]
+        self.n_z = len(self.names) ** len(cfg.task.roles)
 
     def _commit(self, spec: D.BatchSpec, rows: list[dict]) -> None:
         table = D.rows_to_table(rows).drop_columns([D.PARTITION])
@@ -178,44 +215,41 @@ class DatasetBuilder:
         """
         report, started = BuildReport(), time.monotonic()
         existing, _ = D.read_d(self.d_uri)
-        pool = EnginePool(self.cfg, self.cfg.dataset.replicas)
-        workers: list[Any] = []
+        actors = self.actors or BuildActors(self.cfg)
         try:
-            checksums = pool.wait_ready()
-            D.check_engines(existing, self.names, checksums, self.d_uri)
-            done = D.present_keys(existing)
-            specs = D.plan_batches(problems, len(self.names), len(self.cfg.task.roles), done,
+            actors.check(self.cfg)
+            D.check_engines(existing, self.names, actors.checksums, self.d_uri)
+            specs = D.plan_batches(problems, len(self.names), len(self.cfg.task.roles), D.present_keys(existing),
                                    self.cfg.dataset.batch_size, self.cfg.seed)
             report.planned_episodes = sum(len(s.zs) for s in specs)
-            report.already_present = sum(len(ps) for ps in problems.values()) * len(self.names) ** len(self.cfg.task.roles) - report.planned_episodes
+            report.already_present = sum(len(ps) for ps in problems.values()) * self.n_z - report.planned_episodes
             logger.info("D at %s: %d episodes to run in %d batches over %d lanes (%d already present)",
-                        self.d_uri, report.planned_episodes, len(specs), pool.lanes, report.already_present)
-            workers = [DatasetWorker.remote(self.cfg) for _ in range(pool.lanes)]
-            self._run(deque(specs), pool, workers, checksums, report, callback)
+                        self.d_uri, report.planned_episodes, len(specs), len(actors.workers), report.already_present)
+            self._run(deque(specs), actors, report, callback)
         finally:
-            pool.shutdown()
-            for worker in workers:
-                ray.kill(worker)
+            if self.actors is None:
+                actors.shutdown()
         final, report.duplicates_on_read = D.read_d(self.d_uri, splits=list(problems))
-        expected = {(s, p.id, i) for s, ps in problems.items() for p in ps for i in range(len(self.names) ** len(self.cfg.task.roles))}
+        expected = {(s, p.id, i) for s, ps in problems.items() for p in ps for i in range(self.n_z)}
         report.missing = len(expected - D.present_keys(final))
-        report.rows_per_split = {s: int(sum(1 for x in final.column("split").to_pylist() if x == s)) for s in problems}
+        splits = final.column(D.PARTITION).to_pylist()
+        report.rows_per_split = {s: splits.count(s) for s in problems}
         report.seconds = time.monotonic() - started
         report.episodes_per_s = report.committed_episodes / report.seconds if report.seconds else 0.0
         if report.missing:
             raise RuntimeError(f"D at {self.d_uri} lacks {report.missing} (problem, z) rows after the build")
         return report
 
-    def _run(self, queue: deque, pool: EnginePool, workers: list[Any], checksums: list[str], report: BuildReport,
+    def _run(self, queue: deque, actors: BuildActors, report: BuildReport,
              callback: Callable[[str, dict], None] | None) -> None:
         progress = Progress(report.planned_episodes, self.cfg.dataset.progress_every_s)
         in_flight: dict[Any, tuple[int, D.BatchSpec, dict[str, Any]]] = {}
         while queue or in_flight:
             busy = {lane for lane, _, _ in in_flight.values()}
-            for lane in range(len(workers)):
+            for lane, worker in enumerate(actors.workers):
                 if lane not in busy and queue:
-                    spec, engines = queue.popleft(), pool.lane(lane)
-                    in_flight[workers[lane].run_batch.remote(spec, engines, checksums)] = (lane, spec, engines)
+                    spec, engines = queue.popleft(), actors.pool.lane(lane)
+                    in_flight[worker.run_batch.remote(spec, engines, actors.checksums, self.cfg)] = (lane, spec, engines)
                     if callback:
                         callback("dispatch", {"batch_id": spec.batch_id, "lane": lane, "split": spec.split, "engines": engines})
             ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=self.cfg.dataset.progress_every_s)
@@ -226,7 +260,7 @@ class DatasetBuilder:
                 try:
                     rows = ray.get(ref)
                 except (RayActorError, D.EngineFailure) as err:
-                    self._recover(lane, spec, engines, pool, workers, report, err)
+                    self._recover(lane, spec, engines, actors, report, err)
                     queue.appendleft(spec)
                     continue
                 self._commit(spec, rows)
@@ -236,14 +270,14 @@ class DatasetBuilder:
                 if callback:
                     callback("commit", {"batch_id": spec.batch_id, "lane": lane, "split": spec.split, "rows": len(rows)})
 
-    def _recover(self, lane: int, spec: D.BatchSpec, engines: dict[str, Any], pool: EnginePool, workers: list[Any],
+    def _recover(self, lane: int, spec: D.BatchSpec, engines: dict[str, Any], actors: BuildActors,
                  report: BuildReport, err: Exception) -> None:
         """Replace whatever died under a failed batch, or re-raise when nothing did."""
-        replaced, stale = pool.replace_dead(engines)
-        worker_dead = not _alive(workers[lane], "ping")
+        replaced, stale = actors.pool.replace_dead(engines)
+        worker_dead = not _alive(actors.workers[lane], "ping")
         if worker_dead:
             logger.warning("dataset worker of lane %d is dead: starting a replacement", lane)
-            workers[lane] = DatasetWorker.remote(self.cfg)
+            actors.replace_worker(lane)
         if not (replaced or stale or worker_dead):
             raise RuntimeError(f"batch {spec.batch_id} failed with every actor alive: {err}") from err
         report.engine_restarts += replaced

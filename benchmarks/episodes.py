@@ -84,12 +84,15 @@ def write_section(path: Path, text: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=16, help="MMLU problems (episodes per mode).")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="Per call (offline configs: 128).")
     parser.add_argument("--rounds", type=int, default=3, help="MMLU max_rounds.")
     parser.add_argument("--data", default=str(SHARED_VALID if SHARED_VALID.is_file() else FIXTURE))
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default).")
     parser.add_argument("--results", default="", help="Markdown file whose '## Episodes' section is (re)written.")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     problems, _ = load_problems("mmlu", args.data)
     problems = sample_problems(problems, args.n, seed=0, stratify=True)

@@ -199,7 +199,7 @@ class DatasetConfig:
     output: str = doc("Where D, D_SFT and the baseline tables go (local dir or s3://); empty = <run_dir>/dataset.", "")
     splits: list[str] = doc("Splits to enumerate (each needs task.<split>_path).", default_factory=lambda: ["train", "valid"])
     replicas: int = doc("EngineActor replicas per candidate while building D; 0 = each candidates[].replicas.", 0)
-    max_engine_restarts: int = doc("Dead EngineActors replaced (their batch re-queued) at most this often per build.", 3)
+    max_engine_restarts: int = doc("Dead actors (engines, workers) replaced, their batch re-queued, at most this often per build.", 3)
     progress_every_s: float = doc("Seconds between progress lines (done, episodes/s, ETA).", 30.0)
 
     def validate(self, where: str) -> None:

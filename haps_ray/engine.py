@@ -109,7 +109,10 @@ def _chunks(n: int, size: int) -> list[slice]:
 
 
 class LLMEngine:
-    """A frozen causal LM with per-sample LoRA on `o_proj` of its last `lora_layers` decoder layers."""
+    """A frozen causal LM with per-sample LoRA on `o_proj` of its last `lora_layers` decoder layers.
+
+    `eos_ids` (tokenizer EOS plus the generation config's) end a sample; `pad_id` fills left padding.
+    """
 
     def __init__(
         self,
@@ -223,13 +226,31 @@ class LLMEngine:
         seed: int | None = None,
     ) -> list[Generation]:
         """Decode every chat in `messages` with its own adapter; see the module docstring for the outputs."""
+        return self.generate_tokens(
+            self._encode_prompts(messages), adapters, max_new_tokens, temperature, top_p, stop, seed
+        )
+
+    def generate_tokens(
+        self,
+        prompts: Sequence[list[int]],
+        adapters: Sequence[Adapter | None] | None = None,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop: Sequence[str] | None = None,
+        seed: int | None = None,
+    ) -> list[Generation]:
+        """`generate` for prompts already templated and tokenized (e.g. by `encode_prompt`)."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if temperature < 0 or not 0 < top_p <= 1:
             raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+        for i, p in enumerate(prompts):
+            if not p:
+                raise ValueError(f"prompts[{i}]: empty prompt")
+        prompts = [list(p) for p in prompts]
         stops = [s for s in (stop or []) if s]
-        adapters = self._check_adapters(adapters, len(messages))
-        prompts = self._encode_prompts(messages)
+        adapters = self._check_adapters(adapters, len(prompts))
         generator = None
         if seed is not None and temperature > 0:
             generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -390,8 +411,10 @@ class LLMEngine:
                 raise ValueError(f"adapters[{i}]: adapter_grads needs an Adapter per sample, got {type(ad).__name__}")
         out: list[tuple[torch.Tensor, torch.Tensor]] = []
         for part in _chunks(len(prompts), self.max_batch_size):
+            # fresh leaves (clone: the caller's tensors may be inference tensors, which cannot require grad)
             leaves = [
-                Adapter(a.A.detach().to(self.device).requires_grad_(True), a.B.detach().to(self.device).requires_grad_(True), a.alpha)
+                Adapter(a.A.detach().to(self.device).clone().requires_grad_(True),
+                        a.B.detach().to(self.device).clone().requires_grad_(True), a.alpha)
                 for a in adapters[part]
             ]
             with torch.enable_grad():

@@ -200,10 +200,12 @@ class EpisodeRunner:
                 top_p=self.decoding.top_p, stop=sorted({s for ep, _ in batch for s in ep.stop}) or None,
                 seed=seeds[name],
             )
+            engine = self.engines[name]
             if all(a is None for a in args["adapters"]):
                 args["adapters"] = None
+            elif is_actor(engine):  # tensors that require grad cannot be pickled; decoding needs no graph
+                args["adapters"] = [None if a is None else a.detach() for a in args["adapters"]]
             stats.generate_calls += 1
-            engine = self.engines[name]
             try:
                 submitted[name] = engine.generate.remote(**args) if is_actor(engine) else engine.generate(**args)
             except Exception as err:

@@ -151,6 +151,16 @@ def ray_cluster():
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def build_actors(ray_cluster):
+    """Engines and a worker lane shared by the in-process builds (starting them is most of a build's time)."""
+    from actors.dataset_builder import BuildActors
+
+    actors = BuildActors(config_from_dict(config()))
+    yield actors
+    actors.shutdown()
+
+
 def expected_keys(split_problems: dict) -> set:
     return {(s, p.id, i) for s, ps in split_problems.items() for p in ps for i in range(4)}
 
@@ -160,37 +170,39 @@ def test_pipeline_builds_d_and_tables(ray_cluster, tmp_path):
     cfg_path = tmp_path / "tiny.yaml"
     cfg_path.write_text(yaml.safe_dump({**config(), "run_dir": str(tmp_path / "run")}))
     env = {**os.environ, "RAY_ADDRESS": ray_cluster}
-    proc = subprocess.run([sys.executable, "-m", "pipelines.build_dataset", "--config", str(cfg_path)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "pipelines.build_dataset", "--config", str(cfg_path), "--set", "task.n_train=2"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "run" / "dataset"
     d, dropped = D.read_d(str(out / "D"))
-    assert dropped == 0 and d.num_rows == 3 * 4 + 1 * 4
+    assert dropped == 0 and d.num_rows == 2 * 4 + 1 * 4
     assert d.schema.equals(D.D_SCHEMA, check_metadata=False)
-    valid_id = [r["problem_id"] for r in d.to_pylist() if r["split"] == "valid"][0]
-    assert D.present_keys(d) == expected_keys({"train": problems(), "valid": [p for p in problems() if p.id == valid_id]})
+    chosen = {s: {r["problem_id"] for r in d.to_pylist() if r["split"] == s} for s in ("train", "valid")}
+    assert len(chosen["train"]) == 2 and len(chosen["valid"]) == 1
+    assert D.present_keys(d) == expected_keys({s: [p for p in problems() if p.id in ids] for s, ids in chosen.items()})
     assert sorted(p.name for p in (out / "D").iterdir()) == ["split=train", "split=valid"]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["build"]["committed_episodes"] == 16 and summary["build"]["missing"] == 0
-    assert summary["sft_labels"]["train"]["problems"] == 3
+    assert summary["build"]["committed_episodes"] == 12 and summary["build"]["missing"] == 0
+    assert summary["sft_labels"]["train"]["problems"] == 2 and summary["sft_labels"]["valid"]["problems"] == 1
     assert (out / "baselines.md").exists() and (out / "D_sft.parquet").exists() and (out / "cost_normalizer.json").exists()
+    assert yaml.safe_load((out / "build_config.yaml").read_text())["task"]["n_train"] == 2
     assert "| train | oracle |" in proc.stdout
 
 
 @pytest.mark.slow
-def test_builds_hotpotqa(ray_cluster, tmp_path):
+def test_builds_hotpotqa(build_actors, tmp_path):
     from actors.dataset_builder import DatasetBuilder
 
     cfg = config_from_dict(config("hotpotqa"))
     split_problems = {"train": problems("hotpotqa")}
-    report = DatasetBuilder(cfg, str(tmp_path / "D")).build(split_problems)
+    report = DatasetBuilder(cfg, str(tmp_path / "D"), build_actors).build(split_problems)
     d, _ = D.read_d(str(tmp_path / "D"))
     assert report.committed_episodes == 8 and D.present_keys(d) == expected_keys(split_problems)
     assert all(r["task"] == "hotpotqa" and r["gold"] in ("Danube", "yes") for r in d.to_pylist())
 
 
 @pytest.mark.slow
-def test_crashed_build_resumes_on_s3(ray_cluster, s3_server):
+def test_crashed_build_resumes_on_s3(build_actors, s3_server):
     from actors.dataset_builder import DatasetBuilder
 
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="resume")
@@ -206,13 +218,13 @@ def test_crashed_build_resumes_on_s3(ray_cluster, s3_server):
             raise DriverCrash("driver killed")
 
     with pytest.raises(DriverCrash):
-        DatasetBuilder(cfg, uri).build(split_problems, callback=crash_after_first_commit)
+        DatasetBuilder(cfg, uri, build_actors).build(split_problems, callback=crash_after_first_commit)
     partial, _ = D.read_d(uri)
     assert partial.num_rows == 4
     first = storage.list_files(uri, ".parquet")
     etag = boto3.client("s3", endpoint_url=s3_server).head_object(Bucket="resume", Key=first[0][len("s3://resume/"):])["ETag"]
 
-    report = DatasetBuilder(cfg, uri).build(split_problems)
+    report = DatasetBuilder(cfg, uri, build_actors).build(split_problems)
     assert (report.already_present, report.planned_episodes, report.committed_episodes) == (4, 8, 8)
     d, dropped = D.read_d(uri)
     assert dropped == 0 and d.num_rows == 12 and D.present_keys(d) == expected_keys(split_problems)
@@ -225,7 +237,7 @@ def test_crashed_build_resumes_on_s3(ray_cluster, s3_server):
 
 
 @pytest.mark.slow
-def test_killed_engine_is_replaced_and_rows_are_exactly_once(ray_cluster, tmp_path):
+def test_killed_engine_is_replaced_and_rows_are_exactly_once(build_actors, tmp_path):
     from actors.dataset_builder import DatasetBuilder
 
     cfg = config_from_dict(config())
@@ -238,7 +250,7 @@ def test_killed_engine_is_replaced_and_rows_are_exactly_once(ray_cluster, tmp_pa
             if len(dispatched) == 2:
                 ray.kill(info["engines"]["b"])
 
-    report = DatasetBuilder(cfg, str(tmp_path / "D")).build(split_problems, callback=kill_during_second_batch)
+    report = DatasetBuilder(cfg, str(tmp_path / "D"), build_actors).build(split_problems, callback=kill_during_second_batch)
     assert report.engine_restarts == 1 and report.requeued_batches == 1
     assert dispatched[2] == dispatched[1]  # the failed batch went again, whole
     assert report.committed_batches == 3 and report.committed_episodes == 12
@@ -246,3 +258,4 @@ def test_killed_engine_is_replaced_and_rows_are_exactly_once(ray_cluster, tmp_pa
     assert dropped == 0 and d.num_rows == 12 and D.present_keys(d) == expected_keys(split_problems)
     assert len(storage.list_files(str(tmp_path / "D"), ".parquet")) == 3
     assert all(r["error"] is None for r in d.to_pylist())
+    assert build_actors.pool.wait_ready() == build_actors.checksums  # the replacement serves the same weights

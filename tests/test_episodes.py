@@ -248,3 +248,31 @@ def test_lock_step_equals_one_at_a_time_on_real_tiny_engines(tiny_engines, mmlu)
             assert ca["n_input_tokens"] == cb["n_input_tokens"]
             assert ca["logprobs"] == pytest.approx(cb["logprobs"], abs=1e-4)
     assert all(len(c["token_ids"]) == c["n_output_tokens"] > 0 for r in together for c in r.calls)
+
+
+@pytest.mark.slow
+def test_engine_actor_handles_give_the_local_trajectories(tiny_engines, mmlu):
+    ray = pytest.importorskip("ray")
+    from actors.engine import EngineActor
+    from haps_ray.config import CandidateConfig
+
+    prices = PriceTable({"llama": (0.2, 0.2), "qwen": (0.8, 0.8)})
+    decoding = DecodingConfig(max_new_tokens=4, temperature=0.0)
+    task = TaskConfig(name="mmlu", max_rounds=2)
+    zs = [{"teacher": "llama", "student": "qwen"}, {"teacher": "qwen", "student": "llama"}]
+    specs = [(p, z) for p, z in zip(mmlu[:4], zs * 2)]
+    local = EpisodeRunner(tiny_engines, decoding, prices).run([make_episode(task, p, z) for p, z in specs])
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        handles = {name: EngineActor.options(num_cpus=0.5).remote(CandidateConfig(name=name, model=f"tiny-{arch}"))
+                   for name, arch in (("llama", "llama"), ("qwen", "qwen2"))}
+        runner = EpisodeRunner(handles, decoding, prices)
+        remote = runner.run([make_episode(task, p, z) for p, z in specs])
+        assert trajectories(remote) == trajectories(local)
+        assert runner.last_run.generate_calls <= runner.last_run.steps * 2
+        assert all(r.error is None for r in remote)
+    finally:
+        if started:
+            ray.shutdown()

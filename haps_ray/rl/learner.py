@@ -125,7 +125,7 @@ class JointLearner:
         metrics = {
             "losses/router_pg": float(router_loss.detach()) if router_loss is not None else 0.0,
             "grad_norm/total": total_norm,
-            "router/mean_log_prob": float(log_probs.mean()),
+            "router/mean_log_prob": float(log_probs.detach().mean()),
             "router/adv_mean": float(adv.mean()),
             "router/adv_std": float(adv.std()) if adv.numel() > 1 else 0.0,
         }

@@ -54,10 +54,15 @@ class PromptState:
 
     def pooled(self) -> torch.Tensor:
         """Mask-mean of the final hidden states over real prompt tokens: (B, d), fp32."""
-        mask = self.attention_mask.bool().unsqueeze(-1)
-        # where(), not a product: padded rows must not leak even a NaN into the mean.
-        summed = torch.where(mask, self.hidden.float(), 0.0).sum(dim=1)
-        return summed / self.lengths.unsqueeze(-1).float()
+        return mean_pool(self.hidden, self.attention_mask)
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of hidden (B, T, d) over positions where attention_mask (B, T) is 1: (B, d), fp32."""
+    mask = attention_mask.bool().unsqueeze(-1)
+    # where(), not a product: padded positions must not leak even a NaN into the mean.
+    summed = torch.where(mask, hidden.float(), 0.0).sum(dim=1)
+    return summed / mask.sum(dim=1).float()
 
 
 @dataclass
@@ -122,45 +127,40 @@ class HighLevelRouter(nn.Module):
         eos = self.tokenizer.eos_token_id if eos is None else eos
         return [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
 
+    def _template(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
     def _render(self, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
         # Exactly one BOS, as the engines do: the template's, or one prepended when the tokenizer normally
         # adds BOS but the template does not write it.
-        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids = list(self.tokenizer(self._template(messages, generation_prompt), add_special_tokens=False)["input_ids"])
         if self._bos is not None and (not ids or ids[0] != self._bos):
             ids.insert(0, self._bos)
         return ids
 
     def _turn_end_id(self) -> int:
-        """The token the chat template puts right after an assistant answer (it ends the router's turn)."""
-        probe = self.spec.canonical_json([0] * self.spec.num_roles)
-        ids = self._target_ids_uncached(probe, end_id=None)
-        if ids is None:
-            eos = self._eos_ids()
-            if not eos:
-                raise ValueError("router chat template closes no assistant turn and the tokenizer has no EOS token")
-            return eos[0]
-        return ids[-1]
-
-    def _target_ids_uncached(self, answer: str, end_id: int | None) -> list[int] | None:
+        """The token the chat template writes right after an assistant answer (it ends the router's turn)."""
+        answer = self.spec.canonical_json([0] * self.spec.num_roles)
         messages = routing_messages(self.spec, "probe")
-        prompt = self._render(messages, generation_prompt=True)
-        full = self._render(messages + [{"role": "assistant", "content": answer}], generation_prompt=False)
-        if full[: len(prompt)] != prompt:
-            raise ValueError("router chat template: the generation prompt is not a prefix of the rendered conversation")
-        answer_ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"]
-        tail = full[len(prompt) :]
-        if tail[: len(answer_ids)] != answer_ids:
-            raise ValueError(f"router chat template rewrites the answer {answer!r}; cannot teacher-force it")
-        after = tail[len(answer_ids) :]
-        if end_id is None:
-            return answer_ids + after[:1] if after else None
-        return answer_ids + [end_id]
+        prompt = self._template(messages, generation_prompt=True)
+        full = self._template(messages + [{"role": "assistant", "content": answer}], generation_prompt=False)
+        if not full.startswith(prompt + answer):
+            raise ValueError("router chat template: a rendered answer does not follow its generation prompt verbatim")
+        after = self.tokenizer(full[len(prompt + answer) :], add_special_tokens=False)["input_ids"]
+        if after:
+            return after[0]
+        eos = self._eos_ids()
+        if not eos:
+            raise ValueError("router chat template closes no assistant turn and the tokenizer has no EOS token")
+        return eos[0]
 
     def target_ids(self, answer: str) -> list[int]:
-        """Tokens the router must emit to give `answer`: its tokens in the chat template + the turn-end token."""
+        """Tokens the router must emit to give `answer`: the answer's own tokens + the turn-end token.
+
+        The answer is tokenised on its own (not across the prompt boundary), as generation emits it.
+        """
         if answer not in self._target_cache:
-            self._target_cache[answer] = self._target_ids_uncached(answer, self.end_id)
+            self._target_cache[answer] = list(self.tokenizer(answer, add_special_tokens=False)["input_ids"]) + [self.end_id]
         return self._target_cache[answer]
 
     def encode(self, problems: Sequence[Any]) -> PromptBatch:
@@ -293,23 +293,23 @@ class HighLevelRouter(nn.Module):
         if mode not in ("sample", "greedy"):
             raise ValueError(f"mode must be 'sample' or 'greedy', got {mode!r}")
         generator = self.rng if seed is None else torch.Generator().manual_seed(seed)
-        zs_all = self.spec.assignments() if self.exact else None
         if self.exact:
             table = self.assignment_log_probs(state)
             if mode == "greedy":
                 picks = table.argmax(dim=-1).tolist()
             else:
                 picks = torch.multinomial(table.detach().float().exp().cpu(), 1, generator=generator).squeeze(1).tolist()
-            return [Decision(zs_all[j], table[b, j]) for b, j in enumerate(picks)]
+            zs = self.spec.assignments()
+            return [Decision(zs[j], table[b, j]) for b, j in enumerate(picks)]
         generations = self._decode(batch, state, greedy=mode == "greedy", generator=generator)
-        zs, fallbacks = [], []
-        for g in generations:
-            if g.z is None:
-                z = tuple(int(torch.randint(self.spec.num_candidates, (1,), generator=generator)) for _ in self.spec.roles)
-            zs.append(g.z if g.z is not None else z)
-            fallbacks.append(g.z is None)
+        zs = [g.z if g.z is not None else self._uniform_assignment(generator) for g in generations]
         log_probs = self.log_prob_of(state, zs)
-        return [Decision(z, log_probs[b], fb, g.text) for b, (z, fb, g) in enumerate(zip(zs, fallbacks, generations))]
+        return [Decision(z, log_probs[b], g.z is None, g.text) for b, (z, g) in enumerate(zip(zs, generations))]
+
+    def _uniform_assignment(self, generator: torch.Generator) -> tuple[int, ...]:
+        """The fallback for an unreadable answer: every role's candidate drawn uniformly (seeded)."""
+        draws = torch.randint(self.spec.num_candidates, (self.spec.num_roles,), generator=generator)
+        return tuple(int(i) for i in draws)
 
     @torch.no_grad()
     def _decode(
@@ -327,7 +327,9 @@ class HighLevelRouter(nn.Module):
         logprobs: list[list[float]] = [[] for _ in range(size)]
         finished = torch.zeros(size, dtype=torch.bool, device=device)
         for _ in range(steps):
-            logp = logits.float().log_softmax(-1)  # (B, V)
+            logits = logits.float()
+            # logits - logsumexp, not log_softmax: on CPU fp32 log_softmax over a 50k vocabulary is off by ~1e-4.
+            logp = logits - logits.logsumexp(-1, keepdim=True)  # (B, V)
             if greedy:
                 nxt = logp.argmax(-1)
             else:

@@ -27,12 +27,12 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import AutoConfig, PreTrainedModel
 
 from haps_ray.config import ExperimentConfig, RouterConfig, from_dict, to_dict
 from haps_ray.lora import Adapter
 from haps_ray.models import load_model
-from haps_ray.routing.high_level import HighLevelRouter, PromptBatch, PromptState
+from haps_ray.routing.high_level import HighLevelRouter, PromptBatch, PromptState, mean_pool
 from haps_ray.routing.hypernet import HyperNetwork, shapes_from_hf_config
 from haps_ray.routing.prompt import RoutingSpec
 
@@ -58,6 +58,15 @@ def compute_dtype(name: str, device: torch.device) -> torch.dtype | None:
     if device.type != "cuda" or name == "float32":
         return None
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "auto": torch.bfloat16}[name]
+
+
+def candidate_shapes(source: str, k: int) -> list[tuple[int, int]]:
+    """(d_in, d_out) of a candidate's last k `o_proj` layers: from config.json when `source` is a model
+    directory, else by loading the model once on CPU (packs, tiny builders, GGUF, S3)."""
+    directory = Path(source).expanduser()
+    if (directory / "config.json").is_file():
+        return shapes_from_hf_config(AutoConfig.from_pretrained(directory), k)
+    return shapes_from_hf_config(load_model(source, device="cpu")[0].config, k)
 
 
 class HAPSPolicy(nn.Module):
@@ -121,10 +130,7 @@ class HAPSPolicy(nn.Module):
             seed=cfg.seed,
         )
         if adapter_shapes is None:
-            adapter_shapes = {
-                c.name: shapes_from_hf_config(load_model(c.model, device="cpu")[0].config, cfg.router.lora_layers)
-                for c in cfg.open_candidates
-            }
+            adapter_shapes = {c.name: candidate_shapes(c.model, cfg.router.lora_layers) for c in cfg.open_candidates}
         return cls(router, adapter_shapes, [c.open_source for c in cfg.candidates], cfg.router, seed=cfg.seed)
 
     # ------------------------------------------------------------------ acting
@@ -143,8 +149,7 @@ class HAPSPolicy(nn.Module):
             hidden = self.feature_model.get_decoder()(
                 input_ids=batch.input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)
             ).last_hidden_state
-        frozen = PromptState(hidden, mask, mask.sum(-1), state.next_logits, [])
-        return frozen.pooled()
+        return mean_pool(hidden, mask)
 
     def adapters_for(self, features: torch.Tensor, assignments: Sequence[Sequence[int]]) -> list[dict[str, Adapter]]:
         """Per problem: one adapter for each open candidate its assignment uses (one head pass per candidate)."""
@@ -200,6 +205,7 @@ class HAPSPolicy(nn.Module):
         self.router.tokenizer.save_pretrained(path / "backbone")
         if self.feature_model is not None:
             self.feature_model.save_pretrained(path / "feature_backbone")
+            self.router.tokenizer.save_pretrained(path / "feature_backbone")  # a loadable model directory
         shapes = self.hypernet.shapes()
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.hypernet.state_dict().items()}
         save_file(tensors, str(path / HEADS_FILE), metadata={"names": json.dumps(self.hypernet.names)})
