@@ -193,13 +193,14 @@ def main() -> None:
     samples: dict[str, list[float]] = {name: [] for name in table}
     for name, run in table.items():  # warm-up
         run()
-    for _ in range(repeats):
+    for repeat in range(repeats):
         for name, run in table.items():
             sync(device)
             start = time.perf_counter()
             tokens = run()
             sync(device)
             samples[name].append(tokens / (time.perf_counter() - start))
+        print(f"  repeat {repeat + 1}/{repeats}: " + ", ".join(f"{n} {v[-1]:.0f}" for n, v in samples.items()), flush=True)
     speed = {name: statistics.median(values) for name, values in samples.items()}
     base = speed["no adapter"]
     print(f"{'method':<26}{'tok/s (median)':>16}{'min':>10}{'max':>10}{'vs no adapter':>15}")

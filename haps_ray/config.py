@@ -221,12 +221,22 @@ class SFTConfig:
     warmup_ratio: float = doc("Share of steps with linear warm-up before cosine decay.", 0.1)
     weight_decay: float = doc("AdamW weight decay.", 0.0)
     grad_clip: float = doc("Global gradient-norm clip.", 1.0)
+    eval_every: int = doc(
+        "Also score the router on valid (offline, from D) every N updates; 0 = only at step 0 and after each epoch.", 0
+    )
+    eval_batch_size: int = doc("Valid problems per forward pass when scoring the router's greedy choices.", 16)
+    max_steps: int = doc("Stop after this many updates (0 = run all epochs); handy for smoke runs.", 0)
 
     def validate(self, where: str) -> None:
         check(self.lr > 0, f"{where}.lr", "must be > 0")
         check(self.epochs >= 0, f"{where}.epochs", "must be >= 0")
         check(self.batch_size >= 1, f"{where}.batch_size", "must be >= 1")
         check(0 <= self.warmup_ratio < 1, f"{where}.warmup_ratio", "must be in [0, 1)")
+        check(self.weight_decay >= 0, f"{where}.weight_decay", "must be >= 0")
+        check(self.grad_clip > 0, f"{where}.grad_clip", "must be > 0")
+        check(self.eval_every >= 0, f"{where}.eval_every", "must be >= 0")
+        check(self.eval_batch_size >= 1, f"{where}.eval_batch_size", "must be >= 1")
+        check(self.max_steps >= 0, f"{where}.max_steps", "must be >= 0")
 
 
 @dataclass

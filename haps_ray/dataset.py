@@ -88,7 +88,7 @@ def describe_schema() -> str:
     """Markdown table of D's columns (stored and derived) for the README."""
     lines = ["| column | type | meaning |", "|---|---|---|"]
     for field in D_SCHEMA:
-        lines.append(f"| `{field.name}` | `{field.type}` | {field.metadata[b'doc'].decode()} |")
+        lines.append(f"| `{field.name}` | `{field.type}` | {field.metadata[b'doc'].decode().replace('|', '/')} |")
     for name, text in DERIVED_DOCS.items():
         lines.append(f"| `{name}` | `double` (derived on read) | {text} |")
     return "\n".join(lines)

@@ -4,6 +4,7 @@
     model, tokenizer = load_model("tiny-qwen2")              # tiny random-weight model, real tokenizer
     model, tokenizer = load_model("s3://bucket/models/x")    # downloaded into the cache, then loaded
     model, tokenizer = load_model("/path/model.gguf")        # dequantised once, cached by sha256
+    config = model_config("tiny-qwen2")                      # its HF config only (no weights loaded)
 
 Every loaded model is in eval mode with all parameters frozen (requires_grad False) and its attention has
 an `o_proj` (the per-sample LoRA target, `haps_ray.lora`); every tokenizer has a pad token and pads on the
@@ -25,7 +26,14 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from haps_ray import packs
 from haps_ray.lora import PerSampleLoRALinear, decoder_layers
@@ -124,6 +132,15 @@ def build_tiny_model(
     pack's (qwen2); vocab_size = len(tokenizer). Same seed -> identical fp32 weights; the global RNG is
     left untouched. Tokenizers are cached under `cache_dir` (default `$HAPS_CACHE`).
     """
+    config, tokenizer = _tiny_config(arch, cache_dir)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return _finish(model, tokenizer)
+
+
+def _tiny_config(arch: str, cache_dir: str | os.PathLike | None) -> tuple[PretrainedConfig, PreTrainedTokenizerBase]:
+    """The HF config of a tiny model of family `arch` and its prepared tokenizer (no weights built)."""
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
     if arch not in TINY_SHAPES:
@@ -144,10 +161,32 @@ def build_tiny_model(
         pad_token_id=tokenizer.pad_token_id,
         **TINY_SHAPES[arch],
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    return _finish(model, tokenizer)
+    return config, tokenizer
+
+
+def model_config(source: str, cache_dir: str | os.PathLike | None = None) -> PretrainedConfig:
+    """The HF config of the model `load_model(source)` would load, without loading its weights.
+
+    Sources as in `load_model`. A pack or a .gguf file is converted once into the cache (as `load_model`
+    would) and its config.json read from there; an s3:// prefix is mirrored into the cache first.
+    """
+    cache = packs.cache_root(cache_dir)
+    if source in packs.PACKS:
+        return AutoConfig.from_pretrained(packs.pack_dir(packs.PACKS[source], cache))
+    if source.startswith("tiny-") and source[len("tiny-") :] in TINY_SHAPES:
+        return _tiny_config(source[len("tiny-") :], cache_dir)[0]
+    if source.startswith("s3://"):
+        return _local_config(download_s3_prefix(source, cache), cache)
+    if Path(source).expanduser().exists():
+        return _local_config(Path(source).expanduser(), cache)
+    if source.endswith(".gguf") or source.startswith(("/", ".", "~")):
+        raise FileNotFoundError(f"model source {source!r}: no such file or directory")
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", source):
+        return AutoConfig.from_pretrained(source, cache_dir=str(cache_dir) if cache_dir is not None else None)
+    raise UnknownModelError(
+        f"unknown model source {source!r}: not a known name ({', '.join(known_sources())}), an existing path, "
+        "an s3:// URI or an HF hub id of the form org/name"
+    )
 
 
 def model_checksum(model: nn.Module) -> str:
@@ -216,8 +255,8 @@ def download_s3_prefix(uri: str, cache: Path) -> Path:
     return target
 
 
-def _from_local(path: Path, dtype: torch.dtype, cache: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A .gguf file, a save_pretrained directory, or a directory holding exactly one .gguf file."""
+def _local_directory(path: Path, cache: Path) -> Path:
+    """The save_pretrained directory behind a local source: itself, or the cached conversion of its .gguf."""
     if path.is_dir() and not (path / "config.json").is_file():
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) != 1:
@@ -227,7 +266,16 @@ def _from_local(path: Path, dtype: torch.dtype, cache: Path) -> tuple[PreTrained
         if path.suffix != ".gguf":
             raise ValueError(f"{path}: a model file must be .gguf (or give the save_pretrained directory)")
         path = packs.converted_gguf_dir(path, cache)
-    return _from_directory(path, dtype)
+    return path
+
+
+def _from_local(path: Path, dtype: torch.dtype, cache: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A .gguf file, a save_pretrained directory, or a directory holding exactly one .gguf file."""
+    return _from_directory(_local_directory(path, cache), dtype)
+
+
+def _local_config(path: Path, cache: Path) -> PretrainedConfig:
+    return AutoConfig.from_pretrained(_local_directory(path, cache))
 
 
 def _from_directory(directory: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

@@ -79,5 +79,5 @@ def test_readme_config_reference_is_current():
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    result = subprocess.run([sys.executable, "scripts/config_reference.py", "--check"], cwd=root, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "scripts/readme_reference.py", "--check"], cwd=root, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -51,7 +51,8 @@ def make_problems(n: int, seed: int) -> list[Problem]:
         topic = rng.choice(sorted(TOPICS))
         problems.append(Problem(
             id=f"{topic}-{seed}-{i}", task="mmlu", subject=topic,
-            question=f"Question {seed}.{i} about {TOPICS[topic]} ({topic}): which option is right?",
+            # the topic dominates the text, so a tiny random backbone can tell topics apart quickly
+            question=f"Question {seed}.{i}: " + f"{topic} {TOPICS[topic]} " * 12 + "- which option is right?",
             choices=["one", "two", "three", "four"], answer="ABCD"[rng.randrange(4)],
         ))
     return problems

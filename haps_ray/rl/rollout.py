@@ -11,7 +11,7 @@ at once. Frozen weights stay where they are; only r×d gradients travel.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -29,8 +29,12 @@ def run_plans(
     problems: Sequence[Any],
     plans: Sequence[Plan],
     seed: int | None = None,
+    episode_factory: Callable[..., Any] = make_episode,
 ) -> list[EpisodeResult]:
-    """One episode per (problem, plan): roles go to the planned candidates, with the planned adapters."""
+    """One episode per (problem, plan): roles go to the planned candidates, with the planned adapters.
+
+    `episode_factory(task, problem, assignment, adapters=...)` builds the protocol (default: the task's own).
+    """
     if len(problems) != len(plans):
         raise ValueError(f"{len(problems)} problems but {len(plans)} plans")
     episodes = []
@@ -38,7 +42,7 @@ def run_plans(
         if plan.problem_id != problem.id:
             raise ValueError(f"plan for {plan.problem_id} paired with problem {problem.id}")
         assignment = {role: candidates[index] for role, index in plan.z.items()}
-        episodes.append(make_episode(task, problem, assignment, adapters=dict(plan.adapters)))
+        episodes.append(episode_factory(task, problem, assignment, adapters=dict(plan.adapters)))
     return runner.run(episodes, seed=seed)
 
 
