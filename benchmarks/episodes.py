@@ -6,7 +6,9 @@
 Both modes run identical greedy episodes (SmolLM2-135M-Instruct as Teacher and Student, max_rounds 3) on
 the same engine; lock-step advances all of them together, so each step is one batched generate, while the
 baseline runs each episode alone (one sample per generate). The trajectories must come out identical; the
-script checks that and reports episodes/s, generated tokens/s and generate calls for both.
+script checks that and reports episodes/s, generated tokens/s and generate calls for both. On a shared
+machine wall time depends on what else runs, so episodes per CPU-second of this process are reported too
+(use --threads 1 there: with more torch threads than free cores, CPU time counts spinning threads).
 With `--results`, the "## Episodes" section of that Markdown file is written (replaced if present,
 appended otherwise); the rest of the file is left as it is.
 """
@@ -37,18 +39,19 @@ FIXTURE = ROOT / "tests" / "fixtures" / "mmlu_small.jsonl"
 MODEL = "smollm2-135m-instruct"
 
 
-def run_mode(engine: LLMEngine, problems, task: TaskConfig, decoding: DecodingConfig, lock_step: bool) -> tuple[list[EpisodeResult], float, int]:
-    """(results, wall seconds, generate calls) for one mode."""
+def run_mode(engine: LLMEngine, problems, task: TaskConfig, decoding: DecodingConfig,
+             lock_step: bool) -> tuple[list[EpisodeResult], float, float, int]:
+    """(results, wall seconds, CPU seconds of this process, generate calls) for one mode."""
     z = {"teacher": engine.name, "student": engine.name}
     prices = PriceTable({engine.name: (0.2, 0.2)})
     episodes = [make_episode(task, p, z) for p in problems]
     runner = EpisodeRunner({engine.name: engine}, decoding, prices)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     if lock_step:
         results = runner.run(episodes)
     else:
         results = [runner.run([ep])[0] for ep in episodes]
-    return results, time.perf_counter() - start, runner.generate_calls
+    return results, time.perf_counter() - start, time.process_time() - cpu_start, runner.generate_calls
 
 
 def section_markdown(rows: list[dict], n: int, source: str, args: argparse.Namespace, same: int) -> str:
@@ -62,14 +65,14 @@ def section_markdown(rows: list[dict], n: int, source: str, args: argparse.Names
         f"{platform.machine()} CPU, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
         f"measured {time.strftime('%Y-%m-%d')}.",
         "",
-        "| mode | episodes/s | generated tok/s | generate calls | LLM calls | wall s |",
-        "|---|---|---|---|---|---|",
+        "| mode | episodes/s (wall) | episodes per CPU-s | generated tok/s | generate calls | LLM calls | wall s | CPU s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        lines.append(f"| {row['mode']} | {row['eps']:.3f} | {row['tok_s']:.1f} | {row['generate_calls']} | "
-                     f"{row['llm_calls']} | {row['seconds']:.1f} |")
-    lines += ["", f"Lock-step speed-up: **{speedup:.2f}x** (target >= 3x). Identical trajectories in both modes: "
-              f"{same}/{n} episodes.", ""]
+        lines.append(f"| {row['mode']} | {row['eps']:.4f} | {row['eps_cpu']:.4f} | {row['tok_s']:.1f} | "
+                     f"{row['generate_calls']} | {row['llm_calls']} | {row['seconds']:.0f} | {row['cpu']:.0f} |")
+    lines += ["", f"Lock-step speed-up: **{speedup:.2f}x** wall, **{lock['eps_cpu'] / alone['eps_cpu']:.2f}x** per CPU-second "
+              f"(target >= 3x). Identical trajectories in both modes: {same}/{n} episodes.", ""]
     return "\n".join(lines)
 
 
@@ -104,16 +107,17 @@ def main(argv: list[str] | None = None) -> int:
 
     rows, outputs = [], []
     for mode, lock_step in (("lock-step", True), ("one at a time", False)):
-        results, seconds, calls = run_mode(engine, problems, task, decoding, lock_step)
+        results, seconds, cpu, calls = run_mode(engine, problems, task, decoding, lock_step)
         tokens = sum(c["n_output_tokens"] for r in results for c in r.calls)
-        rows.append({"mode": mode, "eps": len(results) / seconds, "tok_s": tokens / seconds, "generate_calls": calls,
-                     "llm_calls": sum(r.n_calls for r in results), "seconds": seconds})
+        rows.append({"mode": mode, "eps": len(results) / seconds, "eps_cpu": len(results) / cpu, "tok_s": tokens / seconds,
+                     "generate_calls": calls, "llm_calls": sum(r.n_calls for r in results), "seconds": seconds, "cpu": cpu})
         outputs.append([[c["token_ids"] for c in r.calls] for r in results])
-        print(f"{mode:>14}: {len(results) / seconds:.3f} episodes/s, {tokens / seconds:.1f} tok/s, "
-              f"{calls} generate calls, {seconds:.1f} s", flush=True)
+        print(f"{mode:>14}: {len(results) / seconds:.4f} episodes/s wall, {len(results) / cpu:.4f} per CPU-s, "
+              f"{tokens / seconds:.1f} tok/s, {calls} generate calls, {seconds:.1f} s wall, {cpu:.1f} s CPU", flush=True)
     same = sum(a == b for a, b in zip(*outputs))
     source = "shared valid split" if Path(args.data) == SHARED_VALID else args.data
-    print(f"speed-up {rows[0]['eps'] / rows[1]['eps']:.2f}x; identical trajectories {same}/{len(problems)}")
+    print(f"speed-up {rows[0]['eps'] / rows[1]['eps']:.2f}x wall, {rows[0]['eps_cpu'] / rows[1]['eps_cpu']:.2f}x per CPU-s; "
+          f"identical trajectories {same}/{len(problems)}")
     if args.results:
         write_section(Path(args.results), section_markdown(rows, len(problems), source, args, same))
         print(f"wrote the Episodes section of {args.results}")

@@ -8,9 +8,14 @@ Every method decodes the same random prompts with the same random-weight model (
     peft per-request      one request at a time: `set_adapter(name)` then batch-1 `generate` (o_proj, k=1)
     engine loop (+bmm)    `LLMEngine.generate_tokens` (our decode loop), no adapter and bmm k=1
 
-Every request decodes exactly `new` tokens (EOS suppressed). Methods run interleaved, one repeat after another,
-after one warm-up each; the table reports the median tokens/s. Per-request switching is timed on the first
-`--switch-requests` requests of the batch (tokens/s over those), since it is one `generate` per request.
+Every request decodes exactly `new` tokens (EOS suppressed); tokens/s counts generated tokens over the whole call
+(prefill included). Methods run interleaved, one repeat after another, after `--warmup` untimed rounds; the table
+reports the median. Per-request switching is timed on the first `--switch-requests` requests of the batch (tokens/s
+over those), since it is one `generate` per request.
+
+Clock: on CUDA, wall time (synchronised). On CPU the default is the process's CPU time with one torch thread:
+on a shared machine (other jobs on the same cores) wall time swings by 2x between runs while CPU time of a
+single-threaded process stays put, so ratios measured with it are meaningful; `--clock wall` gives wall time.
 
     python benchmarks/lora_overhead.py --preset cpu-small          # ~SmolLM2-135M shape, CPU, fp32
     python benchmarks/lora_overhead.py --preset llama8b            # Llama-3.1-8B shape, GPU, bf16
@@ -42,6 +47,7 @@ class Preset:
     prompt: int
     new: int
     repeats: int
+    warmup: int
 
 
 PRESETS = {
@@ -49,19 +55,19 @@ PRESETS = {
     "cpu-small": Preset(
         dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
              num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
-        torch.float32, "cpu", batch=32, prompt=64, new=32, repeats=3,
+        torch.float32, "cpu", batch=32, prompt=64, new=32, repeats=3, warmup=0,
     ),
     # a tiny model for a smoke run of this script
     "tiny": Preset(
         dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=49152),
-        torch.float32, "cpu", batch=8, prompt=16, new=8, repeats=2,
+        torch.float32, "cpu", batch=8, prompt=16, new=8, repeats=2, warmup=1,
     ),
     # Llama-3.1-8B shape, random bf16 weights
     "llama8b": Preset(
         dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
              num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
-        torch.bfloat16, "cuda", batch=32, prompt=256, new=128, repeats=5,
+        torch.bfloat16, "cuda", batch=32, prompt=256, new=128, repeats=5, warmup=1,
     ),
 }
 
@@ -178,28 +184,36 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per method (default: the preset's)")
     parser.add_argument("--switch-requests", type=int, default=8, help="requests timed for peft per-request switching")
     parser.add_argument("--device", default=None, help="override the preset's device")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default: the preset's)")
+    parser.add_argument("--clock", choices=["auto", "cpu", "wall"], default="auto", help="auto: wall on CUDA, CPU time on CPU")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (CPU clock needs 1 to mean tokens/s)")
     args = parser.parse_args()
     preset = PRESETS[args.preset]
     device = args.device or preset.device
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"preset {args.preset} needs a CUDA GPU (none visible); use --preset cpu-small")
     repeats = args.repeats or preset.repeats
+    warmup = preset.warmup if args.warmup is None else args.warmup
+    clock_name = args.clock if args.clock != "auto" else ("wall" if device.startswith("cuda") else "cpu")
+    clock = time.perf_counter if clock_name == "wall" else time.process_time
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = build(preset, device)
     table = methods(model, preset, device, args.switch_requests)
     machine = torch.cuda.get_device_name() if device.startswith("cuda") else f"{platform.processor() or platform.machine()} CPU x{os.cpu_count()} ({torch.get_num_threads()} threads)"
     print(f"preset={args.preset} batch={preset.batch} prompt={preset.prompt} new={preset.new} dtype={preset.dtype} "
-          f"repeats={repeats} | {machine} | torch {torch.__version__}")
+          f"repeats={repeats} warmup={warmup} clock={clock_name} | {machine} | torch {torch.__version__}")
     samples: dict[str, list[float]] = {name: [] for name in table}
-    for name, run in table.items():  # warm-up
-        run()
+    for _ in range(warmup):
+        for run in table.values():
+            run()
     for repeat in range(repeats):
         for name, run in table.items():
             sync(device)
-            start = time.perf_counter()
+            start = clock()
             tokens = run()
             sync(device)
-            samples[name].append(tokens / (time.perf_counter() - start))
+            samples[name].append(tokens / (clock() - start))
         print(f"  repeat {repeat + 1}/{repeats}: " + ", ".join(f"{n} {v[-1]:.0f}" for n, v in samples.items()), flush=True)
     speed = {name: statistics.median(values) for name, values in samples.items()}
     base = speed["no adapter"]

@@ -63,26 +63,32 @@ def resolve_source(cfg: ExperimentConfig, split: str) -> str:
 def prepare(cfg: ExperimentConfig, out: str) -> dict:
     """Load, sample and write every configured split under `out`; returns the summary (also written)."""
     summary: dict = {"task": cfg.task.name, "seed": cfg.task.seed, "splits": {}}
-    seen: set[tuple] = set()  # content of every train/valid problem, to keep test disjoint
+    chosen_keys: set[tuple] = set()  # every problem an earlier split took
+    pools: dict[str, set[tuple]] = {}  # source -> content of every problem it holds
     for split in SPLITS:
         if not getattr(cfg.task, f"{split}_path"):
             logger.info("split %s: task.%s_path is empty, skipped", split, split)
             continue
         source = resolve_source(cfg, split)
         problems, report = load_problems(cfg.task.name, source)
-        overlap = 0
-        if split == "test":
-            kept = [p for p in problems if question_key(p) not in seen]
-            overlap = len(problems) - len(kept)
-            problems = kept
-            if overlap:
-                logger.info("split test: dropped %d problems that also occur in train/valid", overlap)
-        else:
-            seen.update(question_key(p) for p in problems)
+        pool_keys = {question_key(p) for p in problems}
+        # Splits stay disjoint: a split never reuses a problem an earlier split took (same source), nor
+        # anything another source already offered to an earlier split (e.g. MMLU test vs. validation).
+        exclude = set(chosen_keys)
+        for other, keys in pools.items():
+            if other != source:
+                exclude |= keys
+        kept = [p for p in problems if question_key(p) not in exclude]
+        overlap = len(problems) - len(kept)
+        problems = kept
+        if overlap:
+            logger.info("split %s: dropped %d problems already used by an earlier split", split, overlap)
         n = getattr(cfg.task, f"n_{split}")
         chosen = sample_problems(problems, n, cfg.task.seed, stratify=cfg.task.name == "mmlu")
         if n > len(problems):
             logger.warning("split %s: asked for %d problems, only %d available", split, n, len(problems))
+        chosen_keys.update(question_key(p) for p in chosen)
+        pools.setdefault(source, set()).update(pool_keys)
         uri = storage.join(out, f"{split}.parquet")
         storage.write_table(problems_to_table(chosen, cfg.task.name), uri)
         summary["splits"][split] = {
@@ -102,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = prepare(cfg, out)
     for split, info in summary["splits"].items():
         print(f"{split}: {info['written']} problems -> {info['uri']} "
-              f"({info['n_bad']} bad records skipped, {info['dropped_overlap']} dropped as train/valid overlap)")
+              f"({info['n_bad']} bad records skipped, {info['dropped_overlap']} dropped as used by an earlier split)")
     return 0
 
 

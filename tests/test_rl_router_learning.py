@@ -67,7 +67,7 @@ def test_rl_router_reaches_oracle_on_held_out_problems():
         candidates=[CandidateConfig(name="astro", model="scripted", open_source=False),
                     CandidateConfig(name="chef", model="scripted", open_source=False)],
         router=RouterConfig(backbone="tiny-llama", max_prompt_tokens=256),
-        rl=RLConfig(router_lr=3e-3, generator_lr=0.0, batch_size=8, epochs=6, baseline="batch_mean"),
+        rl=RLConfig(router_lr=3e-3, generator_lr=0.0, batch_size=8, group_size=4, epochs=5, baseline="leave_one_out"),
     )
     cfg.validate()
     policy = HAPSPolicy.from_config(cfg)
@@ -98,4 +98,4 @@ def test_rl_router_reaches_oracle_on_held_out_problems():
     after = held_out_reward()
     oracle = 1.0
     assert after >= 0.9 * oracle, f"held-out reward {after:.2f} (before RL {before:.2f})"
-    assert metrics["grad_norm/router"] > 0 and metrics["grad_norm/heads"] == 0.0
+    assert metrics["grad_norm/router"] > 0 and "grad_norm/heads" not in metrics  # closed candidates: no heads

@@ -266,7 +266,7 @@ class SFTTrainer:
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
-        return {"sft/loss": float(loss), "sft/grad_norm": float(grad_norm), "sft/lr": lr}
+        return {"sft/loss": loss.item(), "sft/grad_norm": grad_norm.item(), "sft/lr": lr}
 
 
 def planned_steps(n_examples: int, cfg: SFTConfig) -> int:
