@@ -218,7 +218,7 @@ class DatasetBuilder:
         actors = self.actors or BuildActors(self.cfg)
         try:
             actors.check(self.cfg)
-            D.check_engines(existing, self.names, actors.checksums, self.d_uri)
+            D.check_compatible(existing, self.names, actors.checksums, self.cfg.eval_decoding, self.d_uri)
             specs = D.plan_batches(problems, len(self.names), len(self.cfg.task.roles), D.present_keys(existing),
                                    self.cfg.dataset.batch_size, self.cfg.seed)
             report.planned_episodes = sum(len(s.zs) for s in specs)

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from haps_ray import storage
-from haps_ray.config import ExperimentConfig, RewardConfig
+from haps_ray.config import DecodingConfig, ExperimentConfig, RewardConfig
 from haps_ray.episodes import EpisodeResult, EpisodeRunner
 from haps_ray.rl.cost import CostNormalizer, PriceTable
 from haps_ray.rl.rewards import combine_reward
@@ -283,8 +283,10 @@ def present_keys(table: pa.Table) -> set[tuple[str, str, int]]:
     return set(zip(*(table.column(name).to_pylist() for name in KEY_COLUMNS)))
 
 
-def check_engines(table: pa.Table, names: Sequence[str], checksums: Sequence[str], where: str) -> None:
-    """Refuse to extend a D built with other candidates or other weights: rows would not be comparable."""
+def check_compatible(table: pa.Table, names: Sequence[str], checksums: Sequence[str], decoding: DecodingConfig,
+                     where: str) -> None:
+    """Refuse to extend a D built with other candidates, other weights or other decoding: rows would not
+    be comparable (a resumed build must run what the first one ran)."""
     if table.num_rows == 0:
         return
     found = {(tuple(n), tuple(c)) for n, c in zip(table.column("engine_names").to_pylist(), table.column("engine_checksums").to_pylist())}
@@ -295,6 +297,11 @@ def check_engines(table: pa.Table, names: Sequence[str], checksums: Sequence[str
             f"{where}: existing rows were built with other engines {other} (now {expected}); "
             "write to a fresh dataset.output or delete the old D"
         )
+    settings = {tuple(r.values()) for r in table.select(["max_new_tokens", "temperature", "top_p"]).to_pylist()}
+    now = (decoding.max_new_tokens, decoding.temperature, decoding.top_p)
+    if settings != {now}:
+        raise ValueError(f"{where}: existing rows were decoded with (max_new_tokens, temperature, top_p) = "
+                         f"{sorted(settings - {now})}, the config says {now}; write to a fresh dataset.output")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,8 +8,8 @@ Every pipeline does the same four things first:
     init_ray(cfg)                         # join a running cluster, or start a local Ray
 
 Ray address resolution (first that applies): an already-initialised Ray in this process; `cfg.ray_address`;
-the `RAY_ADDRESS` environment variable (set by `ray job submit` for the job's driver); a cluster already
-running on this machine (`address="auto"`); otherwise a fresh local Ray.
+the `RAY_ADDRESS` environment variable (set by `ray job submit` for the job's driver); a cluster started
+on this machine with `ray start`; otherwise a fresh local Ray.
 """
 
 from __future__ import annotations
@@ -60,26 +60,21 @@ def setup_logging(level: str = "INFO") -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def init_ray(cfg: ExperimentConfig, **local_kwargs) -> str:
-    """Connect to the configured/running Ray cluster or start a local one; returns how it connected.
+def init_ray(cfg: ExperimentConfig) -> str:
+    """Connect to the configured Ray cluster, or to one started with `ray start` here, or start a local one.
 
-    `local_kwargs` (e.g. num_cpus) apply only when a local Ray is started.
+    Returns the address connected to. Without an address, `ray.init()` joins the cluster recorded by
+    `ray start` (its address file) and otherwise starts a fresh local Ray; unlike `address="auto"` it never
+    attaches to some other process's private `ray.init()` instance on a shared machine.
     """
     if ray.is_initialized():
-        return "already initialised"
+        return ray.get_runtime_context().gcs_address
     address = cfg.ray_address or os.environ.get("RAY_ADDRESS", "")
-    if address:
-        ray.init(address=address)
-        logger.info("connected to Ray at %s", address)
-        return f"address {address}"
-    try:
-        ray.init(address="auto")
-        logger.info("connected to the Ray cluster running on this machine")
-        return "running cluster"
-    except ConnectionError:
-        ray.init(**local_kwargs)
-        logger.info("no Ray cluster reachable: started a local Ray (%s CPUs)", ray.cluster_resources().get("CPU"))
-        return "local"
+    ray.init(address=address or None)
+    gcs = ray.get_runtime_context().gcs_address
+    logger.info("Ray at %s (%s), %s CPUs, %s GPUs", gcs, f"address {address}" if address else "ray start cluster or local",
+                ray.cluster_resources().get("CPU"), ray.cluster_resources().get("GPU", 0))
+    return gcs
 
 
 def resolve_location(location: str) -> str:

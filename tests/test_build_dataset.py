@@ -106,24 +106,20 @@ def test_run_batch_refuses_engine_failures(make_tiny):
 
 def test_init_ray_resolution(monkeypatch):
     calls = []
-
-    def fake_init(**kwargs):
-        calls.append(kwargs)
-        if kwargs.get("address") == "auto":
-            raise ConnectionError("no cluster")
-
     monkeypatch.setattr(common.ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(common.ray, "init", fake_init)
+    monkeypatch.setattr(common.ray, "init", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(common.ray, "get_runtime_context", lambda: type("Ctx", (), {"gcs_address": "127.0.0.1:1"})())
     monkeypatch.setattr(common.ray, "cluster_resources", lambda: {"CPU": 2.0})
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     cfg = config_from_dict(config())
-    assert common.init_ray(cfg, num_cpus=2) == "local" and calls == [{"address": "auto"}, {"num_cpus": 2}]
-    calls.clear()
-    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
-    assert common.init_ray(cfg) == "address 10.0.0.1:6379" and calls == [{"address": "10.0.0.1:6379"}]
-    calls.clear()
+    common.init_ray(cfg)
+    assert calls == [{"address": None}]  # a `ray start` cluster if there is one, else a new local Ray
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # what `ray job submit` gives the job's driver
+    common.init_ray(cfg)
+    assert calls[-1] == {"address": "10.0.0.1:6379"}
     cfg.ray_address = "ray://head:10001"
-    assert common.init_ray(cfg) == "address ray://head:10001" and calls == [{"address": "ray://head:10001"}]
+    common.init_ray(cfg)
+    assert calls[-1] == {"address": "ray://head:10001"}
 
 
 def test_cli_overrides_and_locations(tmp_path, monkeypatch):

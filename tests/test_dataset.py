@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 
 from haps_ray import dataset as D
-from haps_ray.config import RewardConfig
+from haps_ray.config import DecodingConfig, RewardConfig
 from haps_ray.dataset_labels import baselines_csv, baselines_markdown, sft_labels, static_baselines, write_baselines
 from haps_ray.rl.cost import CostNormalizer
 
@@ -86,11 +86,13 @@ def test_dedupe_keeps_one_copy_per_key():
     assert D.present_keys(table) == {("train", "p1", 0), ("train", "p1", 1), ("valid", "p1", 0)}
 
 
-def test_check_engines_refuses_other_weights():
+def test_resume_refuses_other_weights_or_decoding():
     table = hand_made_d()
-    D.check_engines(table, NAMES, ["c1", "c2"], "D")
+    D.check_compatible(table, NAMES, ["c1", "c2"], DecodingConfig(max_new_tokens=8), "D")
     with pytest.raises(ValueError, match="other engines"):
-        D.check_engines(table, NAMES, ["c1", "changed"], "D")
+        D.check_compatible(table, NAMES, ["c1", "changed"], DecodingConfig(max_new_tokens=8), "D")
+    with pytest.raises(ValueError, match="max_new_tokens.*8"):
+        D.check_compatible(table, NAMES, ["c1", "c2"], DecodingConfig(max_new_tokens=16), "D")
 
 
 def test_with_reward_uses_train_bounds_and_shaping():

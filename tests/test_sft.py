@@ -240,12 +240,19 @@ BEST_Z = {"astronomy": (0, 1), "cooking": (1, 0)}  # the expert of the topic as 
 TOY_REWARD = {"astronomy": [0.5, 1.0, 0.0, 0.0], "cooking": [0.0, 0.0, 1.0, 0.5]}  # per z_index
 
 
-def keyword_problems(n: int, seed: int, prefix: str, words: int) -> list[Problem]:
-    """Problems alternating between two topics; the text is `words` draws from the topic's keywords."""
+WORDS, LR, EPOCHS = 40, 1e-2, 24  # a random 2-layer backbone needs the topic to dominate its long routing prompt
+
+
+def keyword_problems(n: int, seed: int, prefix: str, repeats: int) -> list[Problem]:
+    """Problems alternating between two topics; the text repeats the topic and one of its keywords."""
     rng = random.Random(seed)
     topics = sorted(TOPIC_WORDS)
-    return [problem(f"{prefix}{i}", " ".join(rng.choice(TOPIC_WORDS[topics[i % 2]]) for _ in range(words)), topics[i % 2])
-            for i in range(n)]
+    problems = []
+    for i in range(n):
+        topic = topics[i % 2]
+        text = f"Question {i}: " + f"{topic} {rng.choice(TOPIC_WORDS[topic])} " * repeats + "- which option is right?"
+        problems.append(problem(f"{prefix}{i}", text, topic))
+    return problems
 
 
 @pytest.mark.slow
