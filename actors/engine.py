@@ -32,6 +32,8 @@ class EngineActor:
     def __init__(self, candidate: CandidateConfig, lora_layers: int = 1) -> None:
         self.started = time.time()
         self.calls = 0
+        if candidate.torch_threads:
+            torch.set_num_threads(candidate.torch_threads)
         self.engine = LLMEngine.from_config(candidate, lora_layers=lora_layers)
 
     def generate(

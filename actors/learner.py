@@ -30,6 +30,8 @@ class Learner:
         adapter_shapes: dict[str, list[tuple[int, int]]],
         init_policy: str | None = None,
     ) -> None:
+        if cfg.rl.learner_torch_threads:
+            torch.set_num_threads(cfg.rl.learner_torch_threads)
         torch.manual_seed(cfg.seed)
         if init_policy:
             policy = HAPSPolicy.load(init_policy, device=cfg.router.device, seed=cfg.seed)

@@ -63,6 +63,10 @@ class CandidateConfig:
     num_gpus: float = doc("GPUs reserved by each EngineActor replica (fractions allowed).", 0.0)
     replicas: int = doc("EngineActor replicas for this candidate.", 1)
     max_batch_size: int = doc("Largest batch one generate call runs at once; larger requests are chunked.", 32)
+    torch_threads: int = doc(
+        "CPU threads each EngineActor gives torch; 0 keeps Ray's default (num_cpus rounded down, at least 1). "
+        "Raise it when fractional-CPU engines that take turns would otherwise leave cores idle.", 0
+    )
 
     def validate(self, where: str) -> None:
         check(bool(self.name), f"{where}.name", "must be non-empty")
@@ -73,6 +77,7 @@ class CandidateConfig:
         check(self.replicas >= 1, f"{where}.replicas", "must be >= 1")
         check(self.num_cpus >= 0 and self.num_gpus >= 0, f"{where}.num_cpus", "resources must be >= 0")
         check(self.max_batch_size >= 1, f"{where}.max_batch_size", "must be >= 1")
+        check(self.torch_threads >= 0, f"{where}.torch_threads", "must be >= 0")
 
 
 @dataclass
@@ -260,6 +265,10 @@ class RLConfig:
     checkpoint_every: int = doc("Write a resumable checkpoint every N updates (and at every evaluation).", 10)
     learner_num_cpus: float = doc("CPUs reserved by the Learner actor.", 1.0)
     learner_num_gpus: float = doc("GPUs reserved by the Learner actor (router backbone + heads).", 0.0)
+    learner_torch_threads: int = doc(
+        "CPU threads the Learner gives torch; 0 keeps Ray's default (num_cpus rounded down, at least 1). "
+        "The engines idle while the learner proposes and updates, so a CPU run can lend it every core.", 0
+    )
     max_steps: int = doc("Stop after this many updates (0 = run all epochs); handy for smoke runs.", 0)
 
     def validate(self, where: str) -> None:
@@ -271,7 +280,25 @@ class RLConfig:
         check(self.eval_every >= 1 and self.patience >= 1, f"{where}.eval_every", "eval_every and patience must be >= 1")
         check(self.checkpoint_every >= 1, f"{where}.checkpoint_every", "must be >= 1")
         check(self.learner_num_cpus >= 0 and self.learner_num_gpus >= 0, f"{where}.learner_num_cpus", "resources must be >= 0")
+        check(self.learner_torch_threads >= 0, f"{where}.learner_torch_threads", "must be >= 0")
         check(self.max_steps >= 0, f"{where}.max_steps", "must be >= 0")
+
+
+@dataclass
+class EvaluationConfig:
+    """The results table of `pipelines.evaluate` (greedy router, greedy decoding)."""
+
+    splits: list[str] = doc("Splits evaluated (each needs task.<split>_path; others are skipped).",
+                            default_factory=lambda: ["valid", "test"])
+    fixed_assignments: bool = doc(
+        "Also run every fixed z with the heads' adapters (|Z| more rows per split, up to 16); the "
+        "frozen-engine fixed, random and oracle rows come from D either way.", True
+    )
+
+    def validate(self, where: str) -> None:
+        check(bool(self.splits), f"{where}.splits", "must name at least one split")
+        for split in self.splits:
+            check(split in ("train", "valid", "test"), f"{where}.splits", f"unknown split {split!r}")
 
 
 @dataclass
@@ -295,6 +322,7 @@ class ExperimentConfig:
     dataset: DatasetConfig = doc("Action-level dataset D.", default_factory=DatasetConfig)
     sft: SFTConfig = doc("SFT warm-up.", default_factory=SFTConfig)
     rl: RLConfig = doc("Joint RL.", default_factory=RLConfig)
+    evaluation: EvaluationConfig = doc("The results table.", default_factory=EvaluationConfig)
 
     def validate(self, where: str = "") -> None:
         prefix = f"{where}." if where else ""
@@ -303,7 +331,7 @@ class ExperimentConfig:
         check(len(set(names)) == len(names), f"{prefix}candidates", f"names must be unique, got {names}")
         for i, cand in enumerate(self.candidates):
             cand.validate(f"{prefix}candidates[{i}]")
-        for name in ("task", "train_decoding", "eval_decoding", "retriever", "reward", "router", "dataset", "sft", "rl"):
+        for name in ("task", "train_decoding", "eval_decoding", "retriever", "reward", "router", "dataset", "sft", "rl", "evaluation"):
             getattr(self, name).validate(f"{prefix}{name}")
 
     @property

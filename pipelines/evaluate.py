@@ -7,6 +7,7 @@ Rows (greedy router, greedy decoding, requests bucketed by engine with per-sampl
 - HAPS                      the policy's z and adapters
 - w/o low-level router      the policy's z, no adapters (frozen engines)
 - w/o high-level router     uniform random z (seeded), adapters from the heads; and each fixed z with adapters
+                            (`evaluation.fixed_assignments`)
 - extra policies            e.g. the w/o-parameter-sharing policy, trained separately
 - oracle / fixed / random   from the action-level dataset D (frozen engines), when D holds the split
 Outputs: <run_dir>/eval/results.{md,csv,png} and results.json.
@@ -58,12 +59,11 @@ def d_rows(cfg: ExperimentConfig, run_dir: str, splits: Sequence[str]) -> list[R
     return out
 
 
-def evaluate(cfg: ExperimentConfig, run_dir: str, policy: str, extra_policies: dict[str, str] | None = None,
-             splits: Sequence[str] = ("valid", "test")) -> list[ResultRow]:
-    """Run every variant on every split that has a path configured; returns the rows (also written)."""
+def evaluate(cfg: ExperimentConfig, run_dir: str, policy: str, extra_policies: dict[str, str] | None = None) -> list[ResultRow]:
+    """Run every variant on each of `evaluation.splits` that has a path configured; returns the rows (also written)."""
     started: dict[str, Any] = {}
     try:
-        return _evaluate(cfg, run_dir, policy, extra_policies or {}, splits, started)
+        return _evaluate(cfg, run_dir, policy, extra_policies or {}, cfg.evaluation.splits, started)
     finally:
         release(started)
 
@@ -93,21 +93,21 @@ def _evaluate(cfg: ExperimentConfig, run_dir: str, policy: str, extra_policies: 
     for split in splits:
         problems = common.load_split(cfg, split)
         plans = learner.propose(problems, mode="greedy")
-        haps = summarize("HAPS", split, rollout(problems, plans, 0))
-        rows.append(haps)
-        rows.append(summarize("w/o low-level router", split, rollout(problems, [replace(p, adapters={}) for p in plans], 0)))
+        variants = {"HAPS": plans, "w/o low-level router": [replace(p, adapters={}) for p in plans]}
         rng = random.Random(cfg.seed)
         random_z = [rng.choice(all_z) for _ in problems]
-        rows.append(summarize("w/o high-level router (random z)", split,
-                              rollout(problems, ray.get(learner.handle.plans_for.remote(problems, random_z)), 0)))
-        if len(all_z) <= MAX_FIXED_ROWS:
+        variants["w/o high-level router (random z)"] = ray.get(learner.handle.plans_for.remote(problems, random_z))
+        if cfg.evaluation.fixed_assignments and len(all_z) <= MAX_FIXED_ROWS:
             for z in all_z:
                 label = "w/o high-level router (" + ", ".join(f"{r}={names[i]}" for r, i in zip(cfg.task.roles, z)) + ")"
-                fixed = ray.get(learner.handle.plans_for.remote(problems, [z] * len(problems)))
-                rows.append(summarize(label, split, rollout(problems, fixed, 0)))
+                variants[label] = ray.get(learner.handle.plans_for.remote(problems, [z] * len(problems)))
         for label, other in others.items():
-            rows.append(summarize(label, split, rollout(problems, other.propose(problems, mode="greedy"), 0)))
-        logger.info("evaluated split %s: HAPS reward %.4f over %d problems", split, haps.reward, haps.problems)
+            variants[label] = other.propose(problems, mode="greedy")
+        # Every variant's episodes advance together: one lock-step run, larger batches per engine call.
+        results = rollout([p for _ in variants for p in problems], [p for v in variants.values() for p in v], 0)
+        for k, label in enumerate(variants):
+            rows.append(summarize(label, split, results[k * len(problems): (k + 1) * len(problems)]))
+        logger.info("evaluated split %s: HAPS reward %.4f over %d problems", split, rows[-len(variants)].reward, len(problems))
     rows += d_rows(cfg, run_dir, splits)
     out = Path(run_dir) / "eval"
     paths = write_report(rows, out)

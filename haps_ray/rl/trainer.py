@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -56,8 +57,11 @@ def rl_step(
     """Sample, roll out, score, and apply one update; returns the metrics and the scored rollouts."""
     problems = [p for p in batch for _ in range(cfg.group_size)]
     group_ids = [i for i in range(len(batch)) for _ in range(cfg.group_size)]
+    clock = time.perf_counter()
     plans = learner.propose(problems, mode="sample", seed=seed)
+    times = {"propose": time.perf_counter() - clock}
     results = rollout(problems, plans, seed)
+    times["rollout"] = time.perf_counter() - clock - sum(times.values())
     usable = [i for i, r in enumerate(results) if r.error is None and r.reward is not None]
     if cfg.baseline == "leave_one_out":  # a group left with one finished rollout has no baseline: no signal
         sizes = Counter(group_ids[i] for i in usable)
@@ -71,6 +75,12 @@ def rl_step(
             advantages[i] = a
     weights = generator_weights(advantages)
     grads = gradients(results, plans, weights)
+    times["adapter_grads"] = time.perf_counter() - clock - sum(times.values())
     metrics = learner.update(problems, [p.assignment for p in plans], advantages, grads)
+    times["update"] = time.perf_counter() - clock - sum(times.values())
     metrics.update(rollout_metrics(results, plans, "train"))
+    step_s = sum(times.values())
+    metrics.update({f"time/{name}_s": t for name, t in times.items()})
+    metrics.update({"time/step_s": step_s, "train/episodes_per_s": len(results) / step_s,
+                    "train/tokens_per_s": metrics["train/tokens_out"] / step_s})
     return metrics, results
