@@ -35,6 +35,10 @@ def measure(cfg, workers_count: int, steps: int, run_dir: str) -> dict[str, floa
     cfg = copy.deepcopy(cfg)
     for c in cfg.candidates:
         c.replicas = workers_count
+    needed = sum(c.num_cpus for c in cfg.candidates) * workers_count + cfg.rl.learner_num_cpus
+    if needed > ray.cluster_resources().get("CPU", 0):
+        raise SystemExit(f"{workers_count} workers need {needed} reserved CPUs (engine replicas + learner), the cluster has "
+                         f"{ray.cluster_resources().get('CPU', 0)}: lower candidates' num_cpus or rl.learner_num_cpus")
     train_set = common.load_split(cfg, "train")
     engines = {c.name: create_engine_actors(c, cfg.router.lora_layers) for c in cfg.candidates}
     learner = workers = None
