@@ -1,4 +1,6 @@
-"""Joint learner on tiny real engines: a closed candidate is routable but never adapted, and a checkpoint
+"""Joint learner on tiny real engines: a closed candidate is routable but never adapted, generator updates
+follow the advantage sign, and a checkpoint restores a learner that makes exactly the update the
+uninterrupted one makes."""
 restores a learner that makes exactly the update the uninterrupted one makes."""
 
 from pathlib import Path
@@ -12,6 +14,7 @@ from haps_ray.engine import LLMEngine
 from haps_ray.episodes import EpisodeRunner
 from haps_ray.rl.cost import PriceTable
 from haps_ray.rl.learner import JointLearner
+from haps_ray.rl.losses import generator_weights
 from haps_ray.rl.rollout import adapter_gradients, run_plans
 from haps_ray.rl.trainer import rl_step
 from haps_ray.routing.policy import HAPSPolicy
@@ -117,3 +120,33 @@ def test_resume_from_checkpoint_reproduces_next_update(make_tiny, tmp_path):
     assert resumed["train/reward"] == pytest.approx(uninterrupted["train/reward"])
     for a, b in zip(expected, params(fresh)):
         assert torch.allclose(a, b, atol=1e-6, rtol=0)
+
+
+def test_generator_updates_follow_the_advantage_sign(make_tiny):
+    """Positive advantage raises the log-likelihood of a rollout's own completion under its new adapter,
+    negative lowers it: the engines' vector-Jacobian products and the learner's chain rule agree in sign."""
+    cfg, engines, learner, rollout, gradients, problems = make_setup(make_tiny)
+    batch = problems[:4]
+    open_only = [(0, 0)] * len(batch)  # both roles on the open engine, so every call carries an adapter
+    plans = learner.plans_for(batch, open_only)
+    results = rollout(batch, plans, 1)
+    advantages = [1.0, -1.0, 1.0, -1.0]
+    weights = generator_weights(advantages)
+
+    def completion_log_probs(current):
+        out = []
+        for result, plan in zip(results, current):
+            calls = [c for c in result.calls if c["adapter"]]
+            scores = engines["open"].engine.score([c["messages"] for c in calls], [c["token_ids"] for c in calls],
+                                                  [plan.adapters["open"]] * len(calls))
+            out.append(sum(sum(s) for s in scores))
+        return out
+
+    before = completion_log_probs(plans)
+    current = plans
+    for _ in range(3):
+        learner.update(batch, open_only, advantages, gradients(results, current, weights))
+        current = learner.plans_for(batch, open_only)
+    after = completion_log_probs(current)
+    for a, b, adv in zip(after, before, advantages):
+        assert (a - b) * adv > 0, (before, after)
