@@ -1,7 +1,6 @@
 """Joint learner on tiny real engines: a closed candidate is routable but never adapted, generator updates
 follow the advantage sign, and a checkpoint restores a learner that makes exactly the update the
 uninterrupted one makes."""
-restores a learner that makes exactly the update the uninterrupted one makes."""
 
 from pathlib import Path
 
