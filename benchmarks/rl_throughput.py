@@ -23,12 +23,11 @@ import statistics
 
 import ray
 
-from actors.engine import create_engine_actors
 from actors.learner import Learner
 from haps_ray.config import load_config
 from haps_ray.rl.trainer import rl_step
 from pipelines import common
-from pipelines.train import LearnerProxy, load_normalizer, release, sharded, start_workers
+from pipelines.train import LearnerProxy, load_normalizer, release, sharded, start_engines, start_workers
 
 
 def measure(cfg, workers_count: int, steps: int, run_dir: str) -> dict[str, float]:
@@ -40,10 +39,9 @@ def measure(cfg, workers_count: int, steps: int, run_dir: str) -> dict[str, floa
         raise SystemExit(f"{workers_count} workers need {needed} reserved CPUs (engine replicas + learner), the cluster has "
                          f"{ray.cluster_resources().get('CPU', 0)}: lower candidates' num_cpus or rl.learner_num_cpus")
     train_set = common.load_split(cfg, "train")
-    engines = {c.name: create_engine_actors(c, cfg.router.lora_layers) for c in cfg.candidates}
+    engines, shapes = start_engines(cfg)
     learner = workers = None
     try:
-        shapes = {c.name: ray.get(engines[c.name][0].info.remote())["adapter_shapes"] for c in cfg.open_candidates}
         ray.get([a.health.remote() for reps in engines.values() for a in reps])
         learner = Learner.options(num_cpus=cfg.rl.learner_num_cpus).remote(cfg, steps + 1, shapes, None)
         workers = start_workers(cfg, engines, cfg.train_decoding, load_normalizer(cfg, run_dir), None, workers_count)

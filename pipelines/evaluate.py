@@ -27,7 +27,6 @@ from typing import Any
 
 import ray
 
-from actors.engine import create_engine_actors
 from actors.learner import Learner
 from actors.retriever import RetrieverActor
 from haps_ray import dataset as D
@@ -36,7 +35,7 @@ from haps_ray.config import ExperimentConfig
 from haps_ray.dataset_labels import static_baselines
 from haps_ray.report import ResultRow, summarize, write_report
 from pipelines import common
-from pipelines.train import LearnerProxy, load_normalizer, release, sharded, start_workers
+from pipelines.train import LearnerProxy, load_normalizer, release, sharded, start_engines, start_workers
 
 logger = logging.getLogger("pipelines.evaluate")
 
@@ -72,8 +71,7 @@ def _evaluate(cfg: ExperimentConfig, run_dir: str, policy: str, extra_policies: 
               splits: Sequence[str], started: dict) -> list[ResultRow]:
     splits = [s for s in splits if getattr(cfg.task, f"{s}_path")]
     normalizer = load_normalizer(cfg, run_dir)
-    engines = {c.name: create_engine_actors(c, cfg.router.lora_layers) for c in cfg.candidates}
-    shapes = {c.name: ray.get(engines[c.name][0].info.remote())["adapter_shapes"] for c in cfg.open_candidates}
+    engines, shapes = start_engines(cfg)
     retriever = RetrieverActor.remote(cfg.retriever) if cfg.task.name == "hotpotqa" else None
     workers = start_workers(cfg, engines, cfg.eval_decoding, normalizer, retriever, cfg.rl.num_rollout_workers)
     rollout, _ = sharded(workers)

@@ -94,6 +94,13 @@ def load_normalizer(cfg: ExperimentConfig, run_dir: str) -> CostNormalizer | Non
     return None
 
 
+def start_engines(cfg: ExperimentConfig) -> tuple[dict[str, list], dict[str, list[tuple[int, int]]]]:
+    """EngineActors of every candidate (`replicas` each) and the adapter shapes of the open candidates."""
+    engines = {c.name: create_engine_actors(c, cfg.router.lora_layers) for c in cfg.candidates}
+    shapes = {c.name: ray.get(engines[c.name][0].info.remote())["adapter_shapes"] for c in cfg.open_candidates}
+    return engines, shapes
+
+
 def start_workers(cfg: ExperimentConfig, engines: dict[str, list], decoding: DecodingConfig,
                   normalizer: CostNormalizer | None, retriever: Any, count: int) -> list:
     """`count` RolloutWorkers; worker w talks to replica w mod replicas of every candidate."""
@@ -152,8 +159,7 @@ def _train(cfg: ExperimentConfig, run_dir: str, init_policy: str | None, fresh: 
         total_steps = min(total_steps, cfg.rl.max_steps)
 
     normalizer = load_normalizer(cfg, run_dir)
-    engines = {c.name: create_engine_actors(c, cfg.router.lora_layers) for c in cfg.candidates}
-    shapes = {c.name: ray.get(engines[c.name][0].info.remote())["adapter_shapes"] for c in cfg.open_candidates}
+    engines, shapes = start_engines(cfg)
     retriever = RetrieverActor.remote(cfg.retriever) if cfg.task.name == "hotpotqa" else None
     handle = Learner.options(num_cpus=cfg.rl.learner_num_cpus, num_gpus=cfg.rl.learner_num_gpus).remote(
         cfg, total_steps, shapes, init_policy)
