@@ -18,8 +18,9 @@ Conventions (what the rest of the pipeline relies on):
   `finish_reason` is "stop" (EOS or stop string) or "length" (max_new_tokens reached).
 - Log-probs are under the model's untempered, unfiltered distribution (log_softmax of the raw logits), whatever
   temperature/top_p sampled the token: the quantity RL re-scores and differentiates.
-- Decoding: left padding, KV cache, rows that finish leave the batch (their cache rows and adapter rows dropped);
-  temperature 0 is greedy; otherwise temperature + nucleus sampling from a `torch.Generator` seeded by `seed`.
+- Decoding: prompts are prefilled in groups of similar length (little padding: prefill cost grows with the padded
+  width) and their KV caches merged, left padded, into one batch that decodes together (decoding gains from width);
+  rows that finish leave the batch (their cache rows and adapter rows dropped); temperature 0 is greedy; otherwise temperature + nucleus sampling from a `torch.Generator` seeded by `seed`.
 - Every call runs in chunks of at most `max_batch_size` samples.
 """
 
@@ -32,6 +33,7 @@ from typing import Any, Generic, TypeVar
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.cache_utils import DynamicLayer
 
 from haps_ray.config import CandidateConfig
 from haps_ray.lora import Adapter, adapter_shapes, attach_lora, select_adapter_rows, use_adapters
@@ -106,6 +108,33 @@ def _pick_tokens(logits: torch.Tensor, temperature: float, top_p: float, generat
 
 def _chunks(n: int, size: int) -> list[slice]:
     return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+# Padding a prefill group may add at most this share of its real tokens. Prefill FLOPs scale with the padded
+# width, while a smaller group costs nothing extra on CPU and little on GPU once it holds a few thousand tokens.
+PREFILL_PADDING_WASTE = 0.1
+
+
+def prefill_groups(lengths: Sequence[int], waste: float = PREFILL_PADDING_WASTE) -> list[list[int]]:
+    """Indices grouped by similar length (shortest first) so that left padding each group to its longest
+    prompt adds at most `waste` x its real tokens."""
+    groups: list[list[int]] = []
+    current: list[int] = []
+    tokens = 0
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        if current and (len(current) + 1) * lengths[i] > (1 + waste) * (tokens + lengths[i]):
+            groups.append(current)
+            current, tokens = [], 0
+        current.append(i)
+        tokens += lengths[i]
+    if current:
+        groups.append(current)
+    return groups
+
+
+def _left_pad_kv(states: torch.Tensor, width: int) -> torch.Tensor:
+    """(b, heads, t, d) -> (b, heads, width, d) with zeros in front (masked out by the attention mask)."""
+    return torch.nn.functional.pad(states, (0, 0, width - states.shape[-2], 0))
 
 
 class LLMEngine:
@@ -259,6 +288,45 @@ class LLMEngine:
             out += self._generate_chunk(prompts[part], adapters[part], max_new_tokens, temperature, top_p, stops, generator)
         return out
 
+    def _prefill_one(
+        self, prompts: list[list[int]], adapters: list[Adapter | None]
+    ) -> tuple[DynamicCache, torch.Tensor]:
+        input_ids, mask, positions = self._left_pad(prompts)
+        cache = DynamicCache(config=self.model.config)
+        with use_adapters(self.model, adapters):
+            logits = self.model(
+                input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                past_key_values=cache, use_cache=True, logits_to_keep=1,
+            ).logits[:, -1].float()
+        return cache, logits
+
+    def _prefill(self, prompts: list[list[int]], adapters: list[Adapter | None]) -> tuple[DynamicCache, torch.Tensor]:
+        """KV cache of every prompt (rows in prompt order, left padded to the longest) and its last-position logits.
+
+        Prompts run in `prefill_groups`; the group caches are then padded and stacked into one. A sliding-window
+        cache shorter than the longest prompt keeps only its window, which cannot be re-padded: such chunks (and
+        caches of any other layer type) are prefilled as one padded batch.
+        """
+        groups = prefill_groups([len(p) for p in prompts])
+        width = max(len(p) for p in prompts)
+        if len(groups) == 1 or not self._mergeable(width):
+            return self._prefill_one(prompts, adapters)
+        parts = [self._prefill_one([prompts[i] for i in g], [adapters[i] for i in g]) for g in groups]
+        inverse = torch.argsort(torch.tensor([i for g in groups for i in g], device=self.device))
+        merged = DynamicCache(config=self.model.config)
+        for layer in range(len(parts[0][0].layers)):
+            keys = torch.cat([_left_pad_kv(cache.layers[layer].keys, width) for cache, _ in parts])
+            values = torch.cat([_left_pad_kv(cache.layers[layer].values, width) for cache, _ in parts])
+            merged.update(keys[inverse], values[inverse], layer)
+        return merged, torch.cat([logits for _, logits in parts])[inverse]
+
+    def _mergeable(self, width: int) -> bool:
+        layers = DynamicCache(config=self.model.config).layers
+        return bool(layers) and all(
+            type(layer) is DynamicLayer or (getattr(layer, "is_sliding", False) and width < layer.sliding_window)
+            for layer in layers
+        )
+
     def _hits_stop(self, tokens: list[int], stops: list[str]) -> bool:
         # decode only a tail long enough to hold any stop string: a token decodes to >= 1 character
         # except special and partial-byte tokens, so a margin of a few tokens covers those
@@ -283,17 +351,13 @@ class LLMEngine:
         generator: torch.Generator | None,
     ) -> list[Generation]:
         n = len(prompts)
-        input_ids, mask, positions = self._left_pad(prompts)
+        _, mask, positions = self._left_pad(prompts)
         emitted: list[list[int]] = [[] for _ in range(n)]
         logprobs: list[list[float]] = [[] for _ in range(n)]
         finish = ["length"] * n
         active = list(range(n))  # original index of each row still decoding
-        cache = DynamicCache(config=self.model.config)
+        cache, logits = self._prefill(prompts, adapters)
         with use_adapters(self.model, adapters):
-            logits = self.model(
-                input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                past_key_values=cache, use_cache=True, logits_to_keep=1,
-            ).logits[:, -1].float()
             next_pos = positions[:, -1:] + 1
             for step in range(max_new_tokens):
                 tokens = _pick_tokens(logits, temperature, top_p, generator)

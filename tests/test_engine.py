@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from haps_ray.config import CandidateConfig
-from haps_ray.engine import LLMEngine, bucket_by_engine
+from haps_ray.engine import LLMEngine, bucket_by_engine, prefill_groups
 from haps_ray.lora import Adapter, decoder_layers
 from tests.test_lora import ARCHS, merged_model, random_adapter
 
@@ -47,6 +47,8 @@ def reference_logprobs(model: nn.Module, prompt: list[int], completion: list[int
 def test_mixed_batch_generate_and_score_match_per_sample_merged_runs(make_tiny, arch: str) -> None:
     engine, plain = make_engine(make_tiny, arch)
     adapters = mixed_adapters(engine)
+    groups = prefill_groups([len(engine.encode_prompt(chat)) for chat in CHATS])
+    assert len(groups) > 1  # prefilled in groups whose caches are merged (and, for llama/qwen2, rows re-ordered)
     gens = engine.generate(CHATS, adapters, max_new_tokens=6)
     for i, (chat, adapter, gen) in enumerate(zip(CHATS, adapters, gens)):
         reference = LLMEngine(merged_model(plain, adapter), engine.tokenizer, name="ref")
@@ -214,6 +216,17 @@ def test_bad_inputs_name_the_sample(make_tiny) -> None:
         engine.score(CHATS[:1], [[1.5, 2]])
     with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
         engine.generate(CHATS[:1], max_new_tokens=0)
+
+
+def test_prefill_groups_bound_padding_and_cover_every_prompt() -> None:
+    lengths = [300, 40, 310, 45, 1200, 42, 305, 600]
+    groups = prefill_groups(lengths, waste=0.1)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for group in groups:
+        real = sum(lengths[i] for i in group)
+        assert len(group) * max(lengths[i] for i in group) <= 1.1 * real
+    assert [sorted(g) for g in groups] == [[1, 3, 5], [0, 2, 6], [7], [4]]
+    assert prefill_groups([50] * 4) == [[0, 1, 2, 3]]
 
 
 def test_bucket_by_engine_scatters_back_in_order() -> None:
