@@ -42,6 +42,22 @@ def is_actor(obj: Any) -> bool:
     return isinstance(obj, ActorHandle)
 
 
+def submit(target: Any, method: str, *args: Any, **kwargs: Any) -> Any:
+    """`target.method(*args, **kwargs)`: called here for a local object (the result), or sent with `.remote` to a
+    Ray actor handle (an ObjectRef for `collect`), so that calls to several actors are in flight at once."""
+    function = getattr(target, method)
+    return function.remote(*args, **kwargs) if is_actor(target) else function(*args, **kwargs)
+
+
+def collect(pending: Any) -> Any:
+    """The value of what `submit` returned: `ray.get` of an ObjectRef, anything else as it is."""
+    try:
+        import ray
+    except ImportError:
+        return pending
+    return ray.get(pending) if isinstance(pending, ray.ObjectRef) else pending
+
+
 @dataclass
 class EpisodeResult:
     """A scored trajectory: every call, the answer, performance, tokens, cost and reward (JSON-serialisable)."""
@@ -166,12 +182,7 @@ class EpisodeRunner:
         problems, queries = [ep.problem for ep, _ in waiting], [q for _, q in waiting]
         stats.retrieve_calls += 1
         try:
-            if is_actor(self.retriever):
-                import ray
-
-                hits = ray.get(self.retriever.retrieve.remote(problems, queries))
-            else:
-                hits = self.retriever.retrieve(problems, queries)
+            hits = collect(submit(self.retriever, "retrieve", problems, queries))
         except Exception as err:
             logger.exception("retrieval failed for %d episodes", len(waiting))
             for ep, _ in waiting:
@@ -207,16 +218,14 @@ class EpisodeRunner:
                 args["adapters"] = [None if a is None else a.detach() for a in args["adapters"]]
             stats.generate_calls += 1
             try:
-                submitted[name] = engine.generate.remote(**args) if is_actor(engine) else engine.generate(**args)
+                submitted[name] = submit(engine, "generate", **args)
             except Exception as err:
                 submitted[name] = err
         for name, batch in groups.items():
             outcome = submitted[name]
-            if not isinstance(outcome, (list, Exception)):
+            if not isinstance(outcome, Exception):
                 try:
-                    import ray
-
-                    outcome = ray.get(outcome)
+                    outcome = collect(outcome)
                 except Exception as err:
                     outcome = err
             if isinstance(outcome, Exception) or len(outcome) != len(batch):

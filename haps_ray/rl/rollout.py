@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from haps_ray.config import TaskConfig
-from haps_ray.episodes import EpisodeResult, EpisodeRunner, is_actor
+from haps_ray.episodes import EpisodeResult, EpisodeRunner, collect, is_actor, submit
 from haps_ray.rl.learner import Plan
 from haps_ray.tasks import make_episode
 
@@ -75,15 +75,10 @@ def adapter_gradients(
             [plans[i].adapters[name] for i, _ in items],
             [float(weights[i]) for i, _ in items],
         )
-        engine = engines[name]
-        pending[name] = engine.adapter_grads.remote(*args) if is_actor(engine) else engine.adapter_grads(*args)
+        pending[name] = submit(engines[name], "adapter_grads", *args)
     out: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in results]
     for name, handle in pending.items():
-        if not isinstance(handle, list):
-            import ray
-
-            handle = ray.get(handle)
-        for (i, _), (dA, dB) in zip(work[name], handle):
+        for (i, _), (dA, dB) in zip(work[name], collect(handle)):
             if name in out[i]:
                 sA, sB = out[i][name]
                 out[i][name] = (sA + dA, sB + dB)
