@@ -54,15 +54,21 @@ def run_mode(engine: LLMEngine, problems, task: TaskConfig, decoding: DecodingCo
     return results, time.perf_counter() - start, time.process_time() - cpu_start, runner.generate_calls
 
 
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"{platform.machine()} CPU"
+
+
 def section_markdown(rows: list[dict], n: int, source: str, args: argparse.Namespace, same: int) -> str:
     lock, alone = rows
     speedup = lock["eps"] / alone["eps"]
     lines = [
         "## Episodes",
         "",
-        f"`python -m benchmarks.episodes` — {n} MMLU problems ({source}), {MODEL} (fp32, CPU) as both Teacher and "
+        f"`python -m benchmarks.episodes` — {n} MMLU problems ({source}), {MODEL} (fp32, {args.device}) as both Teacher and "
         f"Student, greedy, max_new_tokens={args.max_new_tokens}, max_rounds={args.rounds}; "
-        f"{platform.machine()} CPU, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
+        f"{device_name(args.device)}, {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}, "
         f"measured {time.strftime('%Y-%m-%d')}.",
         "",
         "| mode | episodes/s (wall) | episodes per CPU-s | generated tok/s | generate calls | LLM calls | wall s | CPU s |",
@@ -90,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=128, help="Per call (offline configs: 128).")
     parser.add_argument("--rounds", type=int, default=3, help="MMLU max_rounds.")
     parser.add_argument("--data", default=str(SHARED_VALID if SHARED_VALID.is_file() else FIXTURE))
+    parser.add_argument("--device", default="cpu", help="Where the engine runs: cpu, cuda, cuda:1, ...")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default).")
     parser.add_argument("--results", default="", help="Markdown file whose '## Episodes' section is (re)written.")
     args = parser.parse_args(argv)
@@ -99,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 
     problems, _ = load_problems("mmlu", args.data)
     problems = sample_problems(problems, args.n, seed=0, stratify=True)
-    model, tokenizer = load_model(MODEL, dtype="float32", device="cpu")
+    model, tokenizer = load_model(MODEL, dtype="float32", device=args.device)
     engine = LLMEngine(model, tokenizer, name="smollm2", max_batch_size=max(32, args.n))
     task = TaskConfig(name="mmlu", max_rounds=args.rounds)
     decoding = DecodingConfig(max_new_tokens=args.max_new_tokens, temperature=0.0)
