@@ -20,7 +20,8 @@ Conventions (what the rest of the pipeline relies on):
   temperature/top_p sampled the token: the quantity RL re-scores and differentiates.
 - Decoding: prompts are prefilled in groups of similar length (little padding: prefill cost grows with the padded
   width) and their KV caches merged, left padded, into one batch that decodes together (decoding gains from width);
-  rows that finish leave the batch (their cache rows and adapter rows dropped); temperature 0 is greedy; otherwise temperature + nucleus sampling from a `torch.Generator` seeded by `seed`.
+  rows that finish leave the batch (their cache rows and adapter rows dropped); temperature 0 is greedy; otherwise
+  temperature + nucleus sampling from a `torch.Generator` seeded by `seed`.
 - Every call runs in chunks of at most `max_batch_size` samples.
 """
 
