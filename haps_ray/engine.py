@@ -170,6 +170,7 @@ class LLMEngine:
         bos = tokenizer.bos_token_id
         plain = tokenizer("a", add_special_tokens=True)["input_ids"]
         self._bos_to_add = bos if bos is not None and plain and plain[0] == bos else None
+        self._merge_width_limit = self._cache_merge_width_limit()
 
     @classmethod
     def from_config(cls, candidate: CandidateConfig, lora_layers: int = 1) -> LLMEngine:
@@ -310,7 +311,7 @@ class LLMEngine:
         """
         groups = prefill_groups([len(p) for p in prompts])
         width = max(len(p) for p in prompts)
-        if len(groups) == 1 or not self._mergeable(width):
+        if len(groups) == 1 or width >= self._merge_width_limit:
             return self._prefill_one(prompts, adapters)
         parts = [self._prefill_one([prompts[i] for i in g], [adapters[i] for i in g]) for g in groups]
         inverse = torch.argsort(torch.tensor([i for g in groups for i in g], device=self.device))
@@ -321,12 +322,18 @@ class LLMEngine:
             merged.update(keys[inverse], values[inverse], layer)
         return merged, torch.cat([logits for _, logits in parts])[inverse]
 
-    def _mergeable(self, width: int) -> bool:
+    def _cache_merge_width_limit(self) -> float:
+        """Prompt widths below this can have their group caches merged: no limit for full-attention layers, the
+        window for sliding-window layers (which keep only their window), 0 for any other cache layer type (or a
+        config that declares no layers up front)."""
         layers = DynamicCache(config=self.model.config).layers
-        return bool(layers) and all(
-            type(layer) is DynamicLayer or (getattr(layer, "is_sliding", False) and width < layer.sliding_window)
-            for layer in layers
-        )
+        limit = float("inf") if layers else 0.0
+        for layer in layers:
+            if getattr(layer, "is_sliding", False):
+                limit = min(limit, layer.sliding_window)
+            elif type(layer) is not DynamicLayer:
+                return 0.0
+        return limit
 
     def _hits_stop(self, tokens: list[int], stops: list[str]) -> bool:
         # decode only a tail long enough to hold any stop string: a token decodes to >= 1 character
