@@ -133,6 +133,36 @@ def prefill_groups(lengths: Sequence[int], waste: float = PREFILL_PADDING_WASTE)
     return groups
 
 
+class _ReservedLayer(DynamicLayer):
+    """A full-attention cache layer whose keys and values are views into buffers with room for `reserve` more
+    positions: a decode step writes its token in place, where DynamicLayer copies the whole cache (torch.cat)."""
+
+    def __init__(self, reserve: int) -> None:
+        super().__init__()
+        self.reserve = reserve
+        self._key_buffer: torch.Tensor | None = None
+        self._value_buffer: torch.Tensor | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        length = self.get_seq_length()
+        end = length + key_states.shape[-2]
+        # keys stop being a view of the buffer when rows are dropped (batch_select_indices copies them)
+        buffer = self._key_buffer
+        in_buffer = buffer is not None and self.keys.data_ptr() == buffer.data_ptr() and self.keys.shape[0] == buffer.shape[0]
+        if not in_buffer or end > buffer.shape[-2]:
+            shape = (*key_states.shape[:-2], end + self.reserve, key_states.shape[-1])
+            self._key_buffer, self._value_buffer = key_states.new_empty(shape), value_states.new_empty(shape)
+            if length:
+                self._key_buffer[..., :length, :] = self.keys
+                self._value_buffer[..., :length, :] = self.values
+        self._key_buffer[..., length:end, :] = key_states
+        self._value_buffer[..., length:end, :] = value_states
+        self.keys, self.values = self._key_buffer[..., :end, :], self._value_buffer[..., :end, :]
+        return self.keys, self.values
+
+
 def _left_pad_kv(states: torch.Tensor, width: int) -> torch.Tensor:
     """(b, heads, t, d) -> (b, heads, width, d) with zeros in front (masked out by the attention mask)."""
     return torch.nn.functional.pad(states, (0, 0, width - states.shape[-2], 0))
@@ -290,11 +320,17 @@ class LLMEngine:
             out += self._generate_chunk(prompts[part], adapters[part], max_new_tokens, temperature, top_p, stops, generator)
         return out
 
+    def _new_cache(self, reserve: int) -> DynamicCache:
+        """An empty cache whose full-attention layers keep room for `reserve` decoded positions."""
+        cache = DynamicCache(config=self.model.config)
+        cache.layers = [_ReservedLayer(reserve) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+        return cache
+
     def _prefill_one(
-        self, prompts: list[list[int]], adapters: list[Adapter | None]
+        self, prompts: list[list[int]], adapters: list[Adapter | None], reserve: int
     ) -> tuple[DynamicCache, torch.Tensor]:
         input_ids, mask, positions = self._left_pad(prompts)
-        cache = DynamicCache(config=self.model.config)
+        cache = self._new_cache(reserve)
         with use_adapters(self.model, adapters):
             logits = self.model(
                 input_ids=input_ids, attention_mask=mask, position_ids=positions,
@@ -302,8 +338,11 @@ class LLMEngine:
             ).logits[:, -1].float()
         return cache, logits
 
-    def _prefill(self, prompts: list[list[int]], adapters: list[Adapter | None]) -> tuple[DynamicCache, torch.Tensor]:
-        """KV cache of every prompt (rows in prompt order, left padded to the longest) and its last-position logits.
+    def _prefill(
+        self, prompts: list[list[int]], adapters: list[Adapter | None], reserve: int
+    ) -> tuple[DynamicCache, torch.Tensor]:
+        """KV cache of every prompt (rows in prompt order, left padded to the longest, room for `reserve` decoded
+        positions) and its last-position logits.
 
         Prompts run in `prefill_groups`; the group caches are then padded and stacked into one. A sliding-window
         cache shorter than the longest prompt keeps only its window, which cannot be re-padded: such chunks (and
@@ -312,10 +351,10 @@ class LLMEngine:
         groups = prefill_groups([len(p) for p in prompts])
         width = max(len(p) for p in prompts)
         if len(groups) == 1 or width >= self._merge_width_limit:
-            return self._prefill_one(prompts, adapters)
-        parts = [self._prefill_one([prompts[i] for i in g], [adapters[i] for i in g]) for g in groups]
+            return self._prefill_one(prompts, adapters, reserve)
+        parts = [self._prefill_one([prompts[i] for i in g], [adapters[i] for i in g], reserve=0) for g in groups]
         inverse = torch.argsort(torch.tensor([i for g in groups for i in g], device=self.device))
-        merged = DynamicCache(config=self.model.config)
+        merged = self._new_cache(reserve)
         for layer in range(len(parts[0][0].layers)):
             keys = torch.cat([_left_pad_kv(cache.layers[layer].keys, width) for cache, _ in parts])
             values = torch.cat([_left_pad_kv(cache.layers[layer].values, width) for cache, _ in parts])
@@ -364,7 +403,7 @@ class LLMEngine:
         logprobs: list[list[float]] = [[] for _ in range(n)]
         finish = ["length"] * n
         active = list(range(n))  # original index of each row still decoding
-        cache, logits = self._prefill(prompts, adapters)
+        cache, logits = self._prefill(prompts, adapters, reserve=max_new_tokens - 1)
         with use_adapters(self.model, adapters):
             next_pos = positions[:, -1:] + 1
             for step in range(max_new_tokens):
