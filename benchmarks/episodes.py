@@ -115,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     rows, outputs = [], []
     for mode, lock_step in (("lock-step", True), ("one at a time", False)):
         results, seconds, cpu, calls = run_mode(engine, problems, task, decoding, lock_step)
+        failed = [r for r in results if r.error]
+        if failed:
+            print(f"{mode}: {len(failed)}/{len(results)} episodes failed, first: {failed[0].error}", file=sys.stderr)
+            return 1
         tokens = sum(c["n_output_tokens"] for r in results for c in r.calls)
         rows.append({"mode": mode, "eps": len(results) / seconds, "eps_cpu": len(results) / cpu, "tok_s": tokens / seconds,
                      "generate_calls": calls, "llm_calls": sum(r.n_calls for r in results), "seconds": seconds, "cpu": cpu})
