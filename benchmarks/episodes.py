@@ -5,8 +5,9 @@
 
 Both modes run identical greedy episodes (SmolLM2-135M-Instruct as Teacher and Student, max_rounds 3) on
 the same engine; lock-step advances all of them together, so each step is one batched generate, while the
-baseline runs each episode alone (one sample per generate). The trajectories must come out identical; the
-script checks that and reports episodes/s, generated tokens/s and generate calls for both. On a shared
+baseline runs each episode alone (one sample per generate). Both modes use the engine's prefix cache, emptied
+before each. The trajectories must come out identical; the script checks that (and that no episode failed) and
+reports episodes/s, generated tokens/s, generate calls and prompt tokens prefilled / taken from the cache. On a shared
 machine wall time depends on what else runs, so episodes per CPU-second of this process are reported too
 (use --threads 1 there: with more torch threads than free cores, CPU time counts spinning threads).
 With `--results`, the "## Episodes" section of that Markdown file is written (replaced if present,
@@ -40,18 +41,23 @@ MODEL = "smollm2-135m-instruct"
 
 
 def run_mode(engine: LLMEngine, problems, task: TaskConfig, decoding: DecodingConfig,
-             lock_step: bool) -> tuple[list[EpisodeResult], float, float, int]:
-    """(results, wall seconds, CPU seconds of this process, generate calls) for one mode."""
+             lock_step: bool) -> tuple[list[EpisodeResult], dict]:
+    """Results and measurements of one mode: wall and CPU seconds of this process, generate calls, and the
+    prompt tokens prefilled and taken from the engine's prefix cache (which starts empty)."""
     z = {"teacher": engine.name, "student": engine.name}
     prices = PriceTable({engine.name: (0.2, 0.2)})
     episodes = [make_episode(task, p, z) for p in problems]
     runner = EpisodeRunner({engine.name: engine}, decoding, prices)
+    engine.clear_prefix_cache()  # each mode starts cold: the other mode's prompts would all be cached
+    prefilled, reused = engine.prefill_tokens, engine.reused_tokens
     start, cpu_start = time.perf_counter(), time.process_time()
     if lock_step:
         results = runner.run(episodes)
     else:
         results = [runner.run([ep])[0] for ep in episodes]
-    return results, time.perf_counter() - start, time.process_time() - cpu_start, runner.generate_calls
+    return results, {"seconds": time.perf_counter() - start, "cpu": time.process_time() - cpu_start,
+                     "generate_calls": runner.generate_calls, "prefilled": engine.prefill_tokens - prefilled,
+                     "reused": engine.reused_tokens - reused}
 
 
 def device_name(device: str) -> str:
@@ -71,12 +77,14 @@ def section_markdown(rows: list[dict], n: int, source: str, args: argparse.Names
         f"{device_name(args.device)}, {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}, "
         f"measured {time.strftime('%Y-%m-%d')}.",
         "",
-        "| mode | episodes/s (wall) | episodes per CPU-s | generated tok/s | generate calls | LLM calls | wall s | CPU s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| mode | episodes/s (wall) | episodes per CPU-s | generated tok/s | generate calls | LLM calls | "
+        "prompt tokens prefilled / from prefix cache | wall s | CPU s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(f"| {row['mode']} | {row['eps']:.4f} | {row['eps_cpu']:.4f} | {row['tok_s']:.1f} | "
-                     f"{row['generate_calls']} | {row['llm_calls']} | {row['seconds']:.0f} | {row['cpu']:.0f} |")
+                     f"{row['generate_calls']} | {row['llm_calls']} | {row['prefilled']} / {row['reused']} | "
+                     f"{row['seconds']:.0f} | {row['cpu']:.0f} |")
     lines += ["", f"Lock-step speed-up: **{speedup:.2f}x** wall, **{lock['eps_cpu'] / alone['eps_cpu']:.2f}x** per CPU-second "
               f"(target >= 3x). Identical trajectories in both modes: {same}/{n} episodes.", ""]
     return "\n".join(lines)
@@ -114,17 +122,19 @@ def main(argv: list[str] | None = None) -> int:
 
     rows, outputs = [], []
     for mode, lock_step in (("lock-step", True), ("one at a time", False)):
-        results, seconds, cpu, calls = run_mode(engine, problems, task, decoding, lock_step)
+        results, measured = run_mode(engine, problems, task, decoding, lock_step)
+        seconds, cpu, calls = measured["seconds"], measured["cpu"], measured["generate_calls"]
         failed = [r for r in results if r.error]
         if failed:
             print(f"{mode}: {len(failed)}/{len(results)} episodes failed, first: {failed[0].error}", file=sys.stderr)
             return 1
         tokens = sum(c["n_output_tokens"] for r in results for c in r.calls)
         rows.append({"mode": mode, "eps": len(results) / seconds, "eps_cpu": len(results) / cpu, "tok_s": tokens / seconds,
-                     "generate_calls": calls, "llm_calls": sum(r.n_calls for r in results), "seconds": seconds, "cpu": cpu})
+                     "llm_calls": sum(r.n_calls for r in results), **measured})
         outputs.append([[c["token_ids"] for c in r.calls] for r in results])
         print(f"{mode:>14}: {len(results) / seconds:.4f} episodes/s wall, {len(results) / cpu:.4f} per CPU-s, "
-              f"{tokens / seconds:.1f} tok/s, {calls} generate calls, {seconds:.1f} s wall, {cpu:.1f} s CPU", flush=True)
+              f"{tokens / seconds:.1f} tok/s, {calls} generate calls, {seconds:.1f} s wall, {cpu:.1f} s CPU, "
+              f"prompt tokens prefilled {measured['prefilled']} / from prefix cache {measured['reused']}", flush=True)
     same = sum(a == b for a, b in zip(*outputs))
     source = "shared valid split" if Path(args.data) == SHARED_VALID else args.data
     print(f"speed-up {rows[0]['eps'] / rows[1]['eps']:.2f}x wall, {rows[0]['eps_cpu'] / rows[1]['eps_cpu']:.2f}x per CPU-s; "

@@ -67,6 +67,10 @@ class CandidateConfig:
         "CPU threads each EngineActor gives torch; 0 keeps Ray's default (num_cpus rounded down, at least 1). "
         "Raise it when fractional-CPU engines that take turns would otherwise leave cores idle.", 0
     )
+    prefix_cache_mb: int = doc(
+        "MiB of prompt KV each engine keeps to skip prefilling prefixes it has seen (system prompts, earlier "
+        "rounds of an episode, the G samples of a problem); 0 turns prefix caching off.", 1024
+    )
 
     def validate(self, where: str) -> None:
         check(bool(self.name), f"{where}.name", "must be non-empty")
@@ -78,6 +82,7 @@ class CandidateConfig:
         check(self.num_cpus >= 0 and self.num_gpus >= 0, f"{where}.num_cpus", "resources must be >= 0")
         check(self.max_batch_size >= 1, f"{where}.max_batch_size", "must be >= 1")
         check(self.torch_threads >= 0, f"{where}.torch_threads", "must be >= 0")
+        check(self.prefix_cache_mb >= 0, f"{where}.prefix_cache_mb", "must be >= 0")
 
 
 @dataclass

@@ -18,10 +18,18 @@ Conventions (what the rest of the pipeline relies on):
   `finish_reason` is "stop" (EOS or stop string) or "length" (max_new_tokens reached).
 - Log-probs are under the model's untempered, unfiltered distribution (log_softmax of the raw logits), whatever
   temperature/top_p sampled the token: the quantity RL re-scores and differentiates.
-- Decoding: prompts are prefilled in groups of similar length (little padding: prefill cost grows with the padded
-  width) and their KV caches merged, left padded, into one batch that decodes together (decoding gains from width);
-  rows that finish leave the batch (their cache rows and adapter rows dropped); temperature 0 is greedy; otherwise
-  temperature + nucleus sampling from a `torch.Generator` seeded by `seed`.
+- Prefix caching: the engine keeps the KV of prompts it prefilled (`haps_ray.prefix_cache`, `prefix_cache_mb`) and
+  prefills only the part of a new prompt that no kept prompt shares; prefixes several prompts of one call share (a
+  system prompt, G samples of a problem) are prefilled once. Only rows whose KV depends on the tokens alone take
+  part: no adapter, or adapters on the last layer only (k = 1, the default). Off for sliding-window caches.
+  A cached prefix's KV equals a recomputed one up to float rounding (as a different batch's would), so greedy
+  outputs can differ where two tokens tie that closely; a cold cache (`clear_prefix_cache`) reproduces a run
+  bit for bit.
+- Decoding: prompts are prefilled in groups of similar (uncached) length (little padding: prefill cost grows with
+  the padded width) and their KV caches merged, left padded, into one batch that decodes together (decoding gains
+  from width); each new position is written in place into a cache reserved for `max_new_tokens`; rows that finish
+  leave the batch (their cache rows and adapter rows dropped); temperature 0 is greedy; otherwise temperature +
+  nucleus sampling from a `torch.Generator` seeded by `seed`.
 - Every call runs in chunks of at most `max_batch_size` samples.
 """
 
@@ -39,6 +47,7 @@ from transformers.cache_utils import DynamicLayer
 from haps_ray.config import CandidateConfig
 from haps_ray.lora import Adapter, adapter_shapes, attach_lora, select_adapter_rows, use_adapters
 from haps_ray.models import load_model, model_checksum
+from haps_ray.prefix_cache import PrefixCache, common_prefix_length
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +190,7 @@ class LLMEngine:
         name: str,
         lora_layers: int = 1,
         max_batch_size: int = 32,
+        prefix_cache_mb: int = 1024,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -201,12 +211,24 @@ class LLMEngine:
         plain = tokenizer("a", add_special_tokens=True)["input_ids"]
         self._bos_to_add = bos if bos is not None and plain and plain[0] == bos else None
         self._merge_width_limit = self._cache_merge_width_limit()
+        # prefixes are re-padded when group caches merge, which a sliding-window cache cannot do
+        self.prefix_cache = (
+            PrefixCache(prefix_cache_mb * 2**20) if prefix_cache_mb > 0 and self._merge_width_limit == float("inf") else None
+        )
+        self.prefill_tokens = 0  # prompt tokens run through the model by generate
+        self.reused_tokens = 0  # prompt tokens whose KV came from the prefix cache instead
 
     @classmethod
     def from_config(cls, candidate: CandidateConfig, lora_layers: int = 1) -> LLMEngine:
         """Load the candidate's weights (`haps_ray.models.load_model`) and wrap them."""
         model, tokenizer = load_model(candidate.model, dtype=candidate.dtype, device=candidate.device)
-        return cls(model, tokenizer, candidate.name, lora_layers=lora_layers, max_batch_size=candidate.max_batch_size)
+        return cls(model, tokenizer, candidate.name, lora_layers=lora_layers, max_batch_size=candidate.max_batch_size,
+                   prefix_cache_mb=candidate.prefix_cache_mb)
+
+    def clear_prefix_cache(self) -> None:
+        """Forget every cached prompt prefix (e.g. to time prefills from a cold start)."""
+        if self.prefix_cache is not None:
+            self.prefix_cache = PrefixCache(self.prefix_cache.max_bytes, self.prefix_cache.block)
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -326,17 +348,92 @@ class LLMEngine:
         cache.layers = [_ReservedLayer(reserve) if type(layer) is DynamicLayer else layer for layer in cache.layers]
         return cache
 
-    def _prefill_one(
-        self, prompts: list[list[int]], adapters: list[Adapter | None], reserve: int
+    def _prefill_group(
+        self, prompts: list[list[int]], adapters: list[Adapter | None], reuse: list[bool], reserve: int
     ) -> tuple[DynamicCache, torch.Tensor]:
-        input_ids, mask, positions = self._left_pad(prompts)
-        cache = self._new_cache(reserve)
+        """(cache, last-position logits) of one padded forward over the prompts' uncached parts. Cache rows hold
+        each prompt's KV left padded to the longest prompt, as `_left_pad` lays out the tokens.
+
+        A row of `reuse` takes the longest prefix the prefix cache holds and prefills the rest; its KV is stored
+        afterwards. During the forward, rows lay out as [padding | cached prefix | padding | new tokens];
+        positions count real tokens only.
+        """
+        found = [self.prefix_cache.lookup(p) if use else None for p, use in zip(prompts, reuse)]
+        cached = [0 if f is None else f[1] for f in found]
+        new = [p[n:] for p, n in zip(prompts, cached)]
+        past, width = max(cached), max(len(t) for t in new)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), past + width), dtype=torch.long)
+        positions = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, (n, tokens) in enumerate(zip(cached, new)):
+            ids[row, width - len(tokens) :] = torch.tensor(tokens, dtype=torch.long)
+            mask[row, past - n : past] = 1
+            mask[row, past + width - len(tokens) :] = 1
+            positions[row, width - len(tokens) :] = torch.arange(n, n + len(tokens))
+        ids, mask, positions = ids.to(self.device), mask.to(self.device), positions.to(self.device)
+        cache = self._new_cache(0 if past else reserve)
+        if past:
+            reference = next(f[0] for f in found if f is not None)
+            for layer, (ref_keys, ref_values) in enumerate(reference):
+                empty_keys, empty_values = ref_keys[..., :0, :], ref_values[..., :0, :]
+                keys = torch.cat([_left_pad_kv(empty_keys if f is None else f[0][layer][0][..., :n, :], past)
+                                  for f, n in zip(found, cached)])
+                values = torch.cat([_left_pad_kv(empty_values if f is None else f[0][layer][1][..., :n, :], past)
+                                    for f, n in zip(found, cached)])
+                cache.update(keys, values, layer)
         with use_adapters(self.model, adapters):
             logits = self.model(
-                input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                input_ids=ids, attention_mask=mask, position_ids=positions,
                 past_key_values=cache, use_cache=True, logits_to_keep=1,
             ).logits[:, -1].float()
+        self.prefill_tokens += sum(len(t) for t in new)
+        self.reused_tokens += sum(cached)
+        if past:
+            cache = self._close_gaps(cache, mask, max(len(p) for p in prompts), reserve)
+        for row, prompt in enumerate(prompts):
+            if reuse[row]:
+                self.prefix_cache.store(prompt, [
+                    (layer.keys[row : row + 1, :, -len(prompt) :].clone(), layer.values[row : row + 1, :, -len(prompt) :].clone())
+                    for layer in cache.layers
+                ])
         return cache, logits
+
+    def _close_gaps(self, cache: DynamicCache, mask: torch.Tensor, width: int, reserve: int) -> DynamicCache:
+        """The cache with each row's valid positions (`mask` == 1) moved, in order, to its last ones, `width` wide:
+        decoding then attends over the longest prompt rather than the longest prefix plus the longest new part."""
+        index = torch.zeros((mask.shape[0], width), dtype=torch.long, device=mask.device)
+        for row in range(mask.shape[0]):
+            valid = mask[row].nonzero().squeeze(-1)
+            index[row, width - len(valid) :] = valid
+        compact = self._new_cache(reserve)
+        for i, layer in enumerate(cache.layers):
+            gather = index[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
+            compact.update(layer.keys.gather(2, gather), layer.values.gather(2, gather), i)
+        return compact
+
+    def _reusable(self, adapters: list[Adapter | None]) -> list[bool]:
+        """Rows whose KV depends on their tokens alone: an adapter on the last layer's o_proj only acts after
+        every layer's keys and values are computed."""
+        if self.prefix_cache is None:
+            return [False] * len(adapters)
+        return [adapter is None or len(self.lora) == 1 for adapter in adapters]
+
+    def _prefill_shared_prefixes(self, prompts: list[list[int]]) -> None:
+        """Prefill, once, each block-aligned prefix that several `prompts` share beyond what the prefix cache
+        holds (a system prompt, the G samples of a problem); it goes into the cache, so every prompt then
+        prefills only its own part. Prefixes shared among these prefixes are found the same way, recursively."""
+        order = sorted(range(len(prompts)), key=lambda i: prompts[i])
+        shared: set[tuple[int, ...]] = set()
+        for a, b in zip(order, order[1:]):
+            common = common_prefix_length(prompts[a], prompts[b])
+            for i in (a, b):
+                n = self.prefix_cache.usable(common, len(prompts[i]))
+                if n > self.prefix_cache.match_length(prompts[i]):
+                    shared.add(tuple(prompts[i][:n]))
+        # a prefix of another candidate is served by that one's cache entry
+        prefixes = [list(t) for t in sorted(shared) if not any(len(u) > len(t) and u[: len(t)] == t for u in shared)]
+        if prefixes:
+            self._prefill(prefixes, [None] * len(prefixes), reserve=0)
 
     def _prefill(
         self, prompts: list[list[int]], adapters: list[Adapter | None], reserve: int
@@ -344,15 +441,21 @@ class LLMEngine:
         """KV cache of every prompt (rows in prompt order, left padded to the longest, room for `reserve` decoded
         positions) and its last-position logits.
 
-        Prompts run in `prefill_groups`; the group caches are then padded and stacked into one. A sliding-window
-        cache shorter than the longest prompt keeps only its window, which cannot be re-padded: such chunks (and
-        caches of any other layer type) are prefilled as one padded batch.
+        Prefixes found in (or first put into) the prefix cache are not prefilled again. The rest runs in
+        `prefill_groups` of similar length, whose caches are then padded on the left and stacked into one.
+        A sliding-window cache shorter than the longest prompt keeps only its window, which cannot be re-padded:
+        such chunks (and caches of any other layer type) are prefilled as one padded batch.
         """
-        groups = prefill_groups([len(p) for p in prompts])
+        reuse = self._reusable(adapters)
+        if any(reuse):
+            self._prefill_shared_prefixes([p for p, use in zip(prompts, reuse) if use])
+        lengths = [len(p) - (self.prefix_cache.match_length(p) if use else 0) for p, use in zip(prompts, reuse)]
+        groups = prefill_groups(lengths)
         width = max(len(p) for p in prompts)
         if len(groups) == 1 or width >= self._merge_width_limit:
-            return self._prefill_one(prompts, adapters, reserve)
-        parts = [self._prefill_one([prompts[i] for i in g], [adapters[i] for i in g], reserve=0) for g in groups]
+            return self._prefill_group(prompts, adapters, reuse, reserve)
+        parts = [self._prefill_group([prompts[i] for i in g], [adapters[i] for i in g], [reuse[i] for i in g], reserve=0)
+                 for g in groups]
         inverse = torch.argsort(torch.tensor([i for g in groups for i in g], device=self.device))
         merged = self._new_cache(reserve)
         for layer in range(len(parts[0][0].layers)):

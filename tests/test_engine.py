@@ -16,6 +16,7 @@ from torch import nn
 from haps_ray.config import CandidateConfig
 from haps_ray.engine import LLMEngine, bucket_by_engine, prefill_groups
 from haps_ray.lora import Adapter, decoder_layers
+from haps_ray.prefix_cache import common_prefix_length
 from tests.test_lora import ARCHS, merged_model, random_adapter
 
 CHATS = [
@@ -66,6 +67,72 @@ def test_mixed_batch_generate_and_score_match_per_sample_merged_runs(make_tiny, 
     base = engine.generate(CHATS, max_new_tokens=6)
     assert base[0].token_ids != gens[0].token_ids or base[2].token_ids != gens[2].token_ids  # adapters matter
     assert base[1].token_ids == gens[1].token_ids  # the None sample is the base model
+
+
+SYSTEM = ("You are one of two agents on a team. Read the question, reason about it step by step, check each "
+          "option in turn and end with the letter of the option you choose.")
+SHARED_CHATS = [  # a long shared system prompt, two identical chats (G samples of one problem), one chat without it
+    [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Which planet is largest? A) Mars B) Jupiter"}],
+    [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "What is 7 x 8? A) 54 B) 56"}],
+    [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "What is 7 x 8? A) 54 B) 56"}],
+    [{"role": "user", "content": "Name a prime number."}],
+]
+
+
+def second_round(chats: list, replies: list[str]) -> list:
+    """Each chat extended by its reply and a follow-up: its whole first-round prompt is a prefix of the new one."""
+    return [chat + [{"role": "assistant", "content": reply}, {"role": "user", "content": "Check it once more."}]
+            for chat, reply in zip(chats, replies)]
+
+
+def assert_matches_merged_references(engine: LLMEngine, plain: nn.Module, chats: list, adapters: list, gens: list) -> None:
+    for i, (chat, adapter, gen) in enumerate(zip(chats, adapters, gens)):
+        reference = LLMEngine(merged_model(plain, adapter), engine.tokenizer, name="ref", prefix_cache_mb=0)
+        assert gen.token_ids == reference.generate([chat], max_new_tokens=len(gen.token_ids))[0].token_ids, f"sample {i}"
+        with torch.no_grad():
+            expected = reference_logprobs(merged_model(plain, adapter), engine.encode_prompt(chat), gen.token_ids)
+        assert (torch.tensor(gen.logprobs) - expected).abs().max().item() < 1e-5, f"sample {i}"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prefix_cache_reuses_shared_prompts_and_matches_uncached_references(make_tiny, arch: str) -> None:
+    engine, plain = make_engine(make_tiny, arch)
+    block = engine.prefix_cache.block
+    prompts = [engine.encode_prompt(chat) for chat in SHARED_CHATS]
+    shared_system = common_prefix_length(prompts[0], prompts[1]) // block * block
+    assert shared_system >= 2 * block
+    adapters = [random_adapter(engine.model, 1, 8, 1.0, seed=51), None, random_adapter(engine.model, 1, 4, 0.5, seed=52), None]
+    gens = engine.generate(SHARED_CHATS, adapters, max_new_tokens=5)
+    assert_matches_merged_references(engine, plain, SHARED_CHATS, adapters, gens)
+    # k = 1: adapters act after every layer's KV, so all rows share. The system prompt is prefilled once for
+    # the first three rows, the two identical prompts once between them.
+    identical = engine.prefix_cache.usable(len(prompts[1]), len(prompts[1]))
+    assert engine.reused_tokens >= shared_system + 2 * identical
+    assert engine.prefill_tokens + engine.reused_tokens >= sum(len(p) for p in prompts)
+    before = engine.reused_tokens
+    follow_up = second_round(SHARED_CHATS, [g.text for g in gens])
+    again = engine.generate(follow_up, adapters, max_new_tokens=5)
+    assert_matches_merged_references(engine, plain, follow_up, adapters, again)
+    carried = sum(engine.prefix_cache.usable(common_prefix_length(p, engine.encode_prompt(c)), len(engine.encode_prompt(c)))
+                  for p, c in zip(prompts, follow_up))
+    assert engine.reused_tokens - before >= carried > 0
+    uncached, _ = make_engine(make_tiny, arch, prefix_cache_mb=0)
+    assert uncached.prefix_cache is None
+    assert [g.token_ids for g in uncached.generate(follow_up, adapters, max_new_tokens=5)] == [g.token_ids for g in again]
+    assert uncached.reused_tokens == 0
+
+
+def test_prefix_cache_skips_rows_whose_adapter_changes_kv(make_tiny) -> None:
+    engine, plain = make_engine(make_tiny, "qwen2", k=2)  # the deeper adapted layer feeds the last layer's KV
+    adapters = [random_adapter(engine.model, 2, 8, 1.0, seed=61), None, None, random_adapter(engine.model, 2, 4, 1.0, seed=62)]
+    gens = engine.generate(SHARED_CHATS, adapters, max_new_tokens=4)
+    assert_matches_merged_references(engine, plain, SHARED_CHATS, adapters, gens)
+    prompts = [engine.encode_prompt(chat) for chat in SHARED_CHATS]
+    # only the two adapter-free rows (the identical pair) share, and only with each other; adapter rows are
+    # neither served nor stored
+    assert engine.reused_tokens == engine.prefix_cache.usable(len(prompts[1]), len(prompts[1])) * 2
+    assert engine.prefix_cache.match_length(prompts[3]) == 0
+    assert engine.prefix_cache.match_length(prompts[0]) <= common_prefix_length(prompts[0], prompts[1])
 
 
 @pytest.mark.parametrize("arch", ARCHS)
