@@ -278,8 +278,11 @@ class LLMEngine:
     def _encode_prompts(self, messages: Sequence[Messages]) -> list[list[int]]:
         return [self.encode_prompt(m, where=f"messages[{i}]") for i, m in enumerate(messages)]
 
-    def _left_pad(self, seqs: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(input_ids, attention_mask, position_ids), left padded; positions count real tokens only."""
+    def _left_pad(
+        self, seqs: Sequence[list[int]], starts: Sequence[int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask, position_ids), left padded; positions count real tokens only, from
+        `starts[i]` for sequence i (the length of a cached prefix it continues; default 0)."""
         width = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -287,6 +290,8 @@ class LLMEngine:
             ids[row, width - len(s) :] = torch.tensor(s, dtype=torch.long)
             mask[row, width - len(s) :] = 1
         positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
+        if starts is not None:
+            positions = positions + torch.tensor(starts, dtype=torch.long)[:, None] * mask
         return ids.to(self.device), mask.to(self.device), positions.to(self.device)
 
     def _check_adapters(self, adapters: Sequence[Adapter | None] | None, n: int) -> list[Adapter | None]:
@@ -361,16 +366,12 @@ class LLMEngine:
         found = [self.prefix_cache.lookup(p) if use else None for p, use in zip(prompts, reuse)]
         cached = [0 if f is None else f[1] for f in found]
         new = [p[n:] for p, n in zip(prompts, cached)]
-        past, width = max(cached), max(len(t) for t in new)
-        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), past + width), dtype=torch.long)
-        positions = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, (n, tokens) in enumerate(zip(cached, new)):
-            ids[row, width - len(tokens) :] = torch.tensor(tokens, dtype=torch.long)
-            mask[row, past - n : past] = 1
-            mask[row, past + width - len(tokens) :] = 1
-            positions[row, width - len(tokens) :] = torch.arange(n, n + len(tokens))
-        ids, mask, positions = ids.to(self.device), mask.to(self.device), positions.to(self.device)
+        past = max(cached)
+        ids, new_mask, positions = self._left_pad(new, starts=cached)
+        past_mask = torch.zeros((len(prompts), past), dtype=torch.long, device=self.device)
+        for row, n in enumerate(cached):
+            past_mask[row, past - n :] = 1
+        mask = torch.cat([past_mask, new_mask], dim=1)
         cache = self._new_cache(0 if past else reserve)
         if past:
             reference = next(f[0] for f in found if f is not None)
