@@ -28,8 +28,10 @@ Conventions (what the rest of the pipeline relies on):
 - Decoding: prompts are prefilled in groups of similar (uncached) length (little padding: prefill cost grows with
   the padded width) and their KV caches merged, left padded, into one batch that decodes together (decoding gains
   from width); each new position is written in place into a cache reserved for `max_new_tokens`; rows that finish
-  leave the batch (their cache rows and adapter rows dropped); temperature 0 is greedy; otherwise temperature +
-  nucleus sampling from a `torch.Generator` seeded by `seed`.
+  leave the batch (their cache rows moved up in place, their adapter rows dropped). Rows decode longest prompt
+  first, and an SDPA model attends in runs of rows of similar length (`haps_ray.attention`), so a short prompt
+  does not read the padding up to the longest one. Temperature 0 is greedy; otherwise temperature + nucleus
+  sampling from a `torch.Generator` seeded by `seed`, drawn in the caller's sample order.
 - Every call runs in chunks of at most `max_batch_size` samples.
 """
 
@@ -44,6 +46,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
 
+from haps_ray.attention import row_spans, use_ragged_attention
 from haps_ray.config import CandidateConfig
 from haps_ray.lora import Adapter, adapter_shapes, attach_lora, select_adapter_rows, use_adapters
 from haps_ray.models import load_model, model_checksum
@@ -152,15 +155,17 @@ class _ReservedLayer(DynamicLayer):
         self._key_buffer: torch.Tensor | None = None
         self._value_buffer: torch.Tensor | None = None
 
+    def _in_buffer(self) -> bool:
+        buffer = self._key_buffer
+        return buffer is not None and self.keys.data_ptr() == buffer.data_ptr() and self.keys.shape[0] == buffer.shape[0]
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         length = self.get_seq_length()
         end = length + key_states.shape[-2]
-        # keys stop being a view of the buffer when rows are dropped (batch_select_indices copies them)
         buffer = self._key_buffer
-        in_buffer = buffer is not None and self.keys.data_ptr() == buffer.data_ptr() and self.keys.shape[0] == buffer.shape[0]
-        if not in_buffer or end > buffer.shape[-2]:
+        if not self._in_buffer() or end > buffer.shape[-2]:
             shape = (*key_states.shape[:-2], end + self.reserve, key_states.shape[-1])
             self._key_buffer, self._value_buffer = key_states.new_empty(shape), value_states.new_empty(shape)
             if length:
@@ -170,6 +175,28 @@ class _ReservedLayer(DynamicLayer):
         self._value_buffer[..., length:end, :] = value_states
         self.keys, self.values = self._key_buffer[..., :end, :], self._value_buffer[..., :end, :]
         return self.keys, self.values
+
+    def adopt(self, key_buffer: torch.Tensor, value_buffer: torch.Tensor, length: int) -> None:
+        """Take over buffers whose first `length` positions hold the cache; the rest is room for decoding."""
+        self.lazy_initialization(key_buffer, value_buffer)
+        self._key_buffer, self._value_buffer = key_buffer, value_buffer
+        self.keys, self.values = key_buffer[..., :length, :], value_buffer[..., :length, :]
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep rows `indices` by moving them up inside the buffers: nothing is allocated, rows before the first
+        dropped one stay put, and the room reserved for decoding is kept (DynamicLayer copies the kept rows out,
+        after which the next update would copy them again into a new buffer)."""
+        keep = indices.tolist()
+        length = self.get_seq_length()
+        if length == 0 or not self._in_buffer() or any(a >= b for a, b in zip(keep, keep[1:])):
+            super().batch_select_indices(indices)
+            return
+        for buffer in (self._key_buffer, self._value_buffer):
+            for target, source in enumerate(keep):
+                if target != source:  # source > target: rows move up, never onto a row still to be read
+                    buffer[target, :, :length].copy_(buffer[source, :, :length])
+        self._key_buffer, self._value_buffer = self._key_buffer[: len(keep)], self._value_buffer[: len(keep)]
+        self.keys, self.values = self._key_buffer[..., :length, :], self._value_buffer[..., :length, :]
 
 
 def _left_pad_kv(states: torch.Tensor, width: int) -> torch.Tensor:
@@ -211,6 +238,7 @@ class LLMEngine:
         plain = tokenizer("a", add_special_tokens=True)["input_ids"]
         self._bos_to_add = bos if bos is not None and plain and plain[0] == bos else None
         self._merge_width_limit = self._cache_merge_width_limit()
+        self._ragged = use_ragged_attention(model)
         # prefixes are re-padded when group caches merge, which a sliding-window cache cannot do
         self.prefix_cache = (
             PrefixCache(prefix_cache_mb * 2**20) if prefix_cache_mb > 0 and self._merge_width_limit == float("inf") else None
@@ -372,7 +400,8 @@ class LLMEngine:
         for row, n in enumerate(cached):
             past_mask[row, past - n :] = 1
         mask = torch.cat([past_mask, new_mask], dim=1)
-        cache = self._new_cache(0 if past else reserve)
+        # after a reuse the cache is re-packed (`_close_gaps`): it needs room for the new tokens only
+        cache = self._new_cache(ids.shape[1] if past else reserve)
         if past:
             reference = next(f[0] for f in found if f is not None)
             for layer, (ref_keys, ref_values) in enumerate(reference):
@@ -458,12 +487,30 @@ class LLMEngine:
         parts = [self._prefill_group([prompts[i] for i in g], [adapters[i] for i in g], [reuse[i] for i in g], reserve=0)
                  for g in groups]
         inverse = torch.argsort(torch.tensor([i for g in groups for i in g], device=self.device))
-        merged = self._new_cache(reserve)
-        for layer in range(len(parts[0][0].layers)):
-            keys = torch.cat([_left_pad_kv(cache.layers[layer].keys, width) for cache, _ in parts])
-            values = torch.cat([_left_pad_kv(cache.layers[layer].values, width) for cache, _ in parts])
-            merged.update(keys[inverse], values[inverse], layer)
+        merged = self._merge_caches([cache for cache, _ in parts], groups, width, reserve)
         return merged, torch.cat([logits for _, logits in parts])[inverse]
+
+    def _merge_caches(self, parts: list[DynamicCache], groups: list[list[int]], width: int, reserve: int) -> DynamicCache:
+        """One cache from the groups' caches (`groups[g]` = the rows part g holds): each part is copied once, right
+        aligned at `width`, into buffers with room for `reserve` decoded positions. The padding in front is zeroed:
+        it is masked, but a masked NaN would still poison the attention's weighted sum."""
+        merged = self._new_cache(reserve)
+        rows = [torch.tensor(g, device=self.device) for g in groups]
+        n = sum(len(g) for g in groups)
+        for i, layer in enumerate(merged.layers):
+            first = parts[0].layers[i].keys
+            room = reserve if isinstance(layer, _ReservedLayer) else 0
+            keys = first.new_empty((n, first.shape[1], width + room, first.shape[3]))
+            values = torch.empty_like(keys)
+            for part, index in zip(parts, rows):
+                for buffer, states in ((keys, part.layers[i].keys), (values, part.layers[i].values)):
+                    buffer[index, :, : width - states.shape[-2]] = 0
+                    buffer[index, :, width - states.shape[-2] : width] = states
+            if isinstance(layer, _ReservedLayer):
+                layer.adopt(keys, values, width)
+            else:  # a sliding-window layer keeps a copy of its own
+                layer.update(keys, values)
+        return merged
 
     def _cache_merge_width_limit(self) -> float:
         """Prompt widths below this can have their group caches merged: no limit for full-attention layers, the
@@ -502,16 +549,18 @@ class LLMEngine:
         generator: torch.Generator | None,
     ) -> list[Generation]:
         n = len(prompts)
-        _, mask, positions = self._left_pad(prompts)
+        # rows decode longest prompt first, so that rows of similar length are neighbours (`row_spans`)
+        active = sorted(range(n), key=lambda i: -len(prompts[i]))  # original index of each row still decoding
         emitted: list[list[int]] = [[] for _ in range(n)]
         logprobs: list[list[float]] = [[] for _ in range(n)]
         finish = ["length"] * n
-        active = list(range(n))  # original index of each row still decoding
-        cache, logits = self._prefill(prompts, adapters, reserve=max_new_tokens - 1)
-        with use_adapters(self.model, adapters):
+        rows_prompts, rows_adapters = [prompts[i] for i in active], [adapters[i] for i in active]
+        _, mask, positions = self._left_pad(rows_prompts)
+        cache, logits = self._prefill(rows_prompts, rows_adapters, reserve=max_new_tokens - 1)
+        with use_adapters(self.model, rows_adapters):
             next_pos = positions[:, -1:] + 1
             for step in range(max_new_tokens):
-                tokens = _pick_tokens(logits, temperature, top_p, generator)
+                tokens = self._pick_in_caller_order(logits, active, temperature, top_p, generator)
                 chosen = logits.gather(-1, tokens[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
                 keep = []
                 for row, (tok, lp) in enumerate(zip(tokens.tolist(), chosen.tolist())):
@@ -531,9 +580,10 @@ class LLMEngine:
                     mask, next_pos, tokens = mask[index], next_pos[index], tokens[index]
                     active = [active[row] for row in keep]
                 mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
+                spans = {"row_spans": row_spans([len(prompts[i]) + step + 1 for i in active])} if self._ragged else {}
                 logits = self.model(
                     input_ids=tokens[:, None], attention_mask=mask, position_ids=next_pos,
-                    past_key_values=cache, use_cache=True,
+                    past_key_values=cache, use_cache=True, **spans,
                 ).logits[:, -1].float()
                 next_pos = next_pos + 1
         return [
@@ -547,6 +597,19 @@ class LLMEngine:
             )
             for i in range(n)
         ]
+
+    @staticmethod
+    def _pick_in_caller_order(
+        logits: torch.Tensor, active: list[int], temperature: float, top_p: float, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        """`_pick_tokens` for rows that decode in another order than the caller gave them (`active[row]` = the
+        caller's index): sampling draws from the generator in the caller's order, so the samples do not depend
+        on how the engine orders rows."""
+        if temperature == 0:
+            return _pick_tokens(logits, temperature, top_p, generator)
+        order = torch.tensor(sorted(range(len(active)), key=active.__getitem__), device=logits.device)
+        picked = _pick_tokens(logits[order], temperature, top_p, generator)
+        return torch.empty_like(picked).index_copy_(0, order, picked)
 
     # ---- teacher forcing ----
 
