@@ -1,7 +1,7 @@
 """Episodes/s of the lock-step runner against running the same episodes one at a time.
 
     python -m benchmarks.episodes                        # 16 MMLU problems, offline SmolLM2, greedy
-    python -m benchmarks.episodes --results benchmarks/RESULTS.md
+    python -m benchmarks.episodes --repeats 2 --results benchmarks/RESULTS.md
 
 Both modes run identical greedy episodes (SmolLM2-135M-Instruct as Teacher and Student, max_rounds 3) on
 the same engine; lock-step advances all of them together, so each step is one batched generate, while the
@@ -10,8 +10,10 @@ before each. The trajectories must come out identical; the script checks that (a
 reports episodes/s, generated tokens/s, generate calls and prompt tokens prefilled / taken from the cache. On a shared
 machine wall time depends on what else runs, so episodes per CPU-second of this process are reported too
 (use --threads 1 there: with more torch threads than free cores, CPU time counts spinning threads).
-With `--results`, the "## Episodes" section of that Markdown file is written (replaced if present,
-appended otherwise); the rest of the file is left as it is.
+With `--repeats N` each mode runs N times, alternating which goes first (L A, A L, ...) so that a drift in the
+machine's speed hits both; the table reports each mode's median run (the lower median: of two runs, the faster)
+and every run's wall time, and the speed-up is the ratio of the medians. With `--results`, the "## Episodes" section of that Markdown file is written (replaced if
+present, appended otherwise); the rest of the file is left as it is.
 """
 
 from __future__ import annotations
@@ -72,21 +74,24 @@ def section_markdown(rows: list[dict], n: int, source: str, args: argparse.Names
     lines = [
         "## Episodes",
         "",
-        f"`python -m benchmarks.episodes` — {n} MMLU problems ({source}), {MODEL} (fp32, {args.device}) as both Teacher and "
-        f"Student, greedy, max_new_tokens={args.max_new_tokens}, max_rounds={args.rounds}; "
+        f"`python -m benchmarks.episodes --repeats {args.repeats}` — {n} MMLU problems ({source}), {MODEL} (fp32, {args.device}) "
+        f"as both Teacher and Student, greedy, max_new_tokens={args.max_new_tokens}, max_rounds={args.rounds}; "
         f"{device_name(args.device)}, {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}, "
-        f"measured {time.strftime('%Y-%m-%d')}.",
+        f"measured {time.strftime('%Y-%m-%d')}. Each mode ran {args.repeats} time(s), alternating which went first; "
+        "a row is that mode's median run (of two, the faster).",
         "",
         "| mode | episodes/s (wall) | episodes per CPU-s | generated tok/s | generate calls | LLM calls | "
-        "prompt tokens prefilled / from prefix cache | wall s | CPU s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "prompt tokens prefilled / from prefix cache | wall s | CPU s | wall s of every run |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(f"| {row['mode']} | {row['eps']:.4f} | {row['eps_cpu']:.4f} | {row['tok_s']:.1f} | "
                      f"{row['generate_calls']} | {row['llm_calls']} | {row['prefilled']} / {row['reused']} | "
-                     f"{row['seconds']:.0f} | {row['cpu']:.0f} |")
-    lines += ["", f"Lock-step speed-up: **{speedup:.2f}x** wall, **{lock['eps_cpu'] / alone['eps_cpu']:.2f}x** per CPU-second "
-              f"(target >= 3x). Identical trajectories in both modes: {same}/{n} episodes.", ""]
+                     f"{row['seconds']:.0f} | {row['cpu']:.0f} | {', '.join(f'{w:.0f}' for w in row['runs'])} |")
+    lines += ["", f"Lock-step speed-up (ratio of the median runs): **{speedup:.2f}x** wall, "
+              f"**{lock['eps_cpu'] / alone['eps_cpu']:.2f}x** per CPU-second (target >= 3x); per pair of runs: "
+              f"{', '.join(f'{a / b:.2f}x' for a, b in zip(alone['runs'], lock['runs']))}. "
+              f"Identical trajectories in every run: {same}/{n} episodes.", ""]
     return "\n".join(lines)
 
 
@@ -106,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default=str(SHARED_VALID if SHARED_VALID.is_file() else FIXTURE))
     parser.add_argument("--device", default="cpu", help="Where the engine runs: cpu, cuda, cuda:1, ...")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default).")
+    parser.add_argument("--repeats", type=int, default=1, help="Runs of each mode (alternating order; median reported).")
     parser.add_argument("--results", default="", help="Markdown file whose '## Episodes' section is (re)written.")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -120,25 +126,35 @@ def main(argv: list[str] | None = None) -> int:
     decoding = DecodingConfig(max_new_tokens=args.max_new_tokens, temperature=0.0)
     run_mode(engine, problems[:1], TaskConfig(name="mmlu", max_rounds=1), DecodingConfig(max_new_tokens=4), True)  # warm-up
 
-    rows, outputs = [], []
-    for mode, lock_step in (("lock-step", True), ("one at a time", False)):
-        results, measured = run_mode(engine, problems, task, decoding, lock_step)
-        seconds, cpu, calls = measured["seconds"], measured["cpu"], measured["generate_calls"]
-        failed = [r for r in results if r.error]
-        if failed:
-            print(f"{mode}: {len(failed)}/{len(results)} episodes failed, first: {failed[0].error}", file=sys.stderr)
-            return 1
-        tokens = sum(c["n_output_tokens"] for r in results for c in r.calls)
-        rows.append({"mode": mode, "eps": len(results) / seconds, "eps_cpu": len(results) / cpu, "tok_s": tokens / seconds,
-                     "llm_calls": sum(r.n_calls for r in results), **measured})
-        outputs.append([[c["token_ids"] for c in r.calls] for r in results])
-        print(f"{mode:>14}: {len(results) / seconds:.4f} episodes/s wall, {len(results) / cpu:.4f} per CPU-s, "
-              f"{tokens / seconds:.1f} tok/s, {calls} generate calls, {seconds:.1f} s wall, {cpu:.1f} s CPU, "
-              f"prompt tokens prefilled {measured['prefilled']} / from prefix cache {measured['reused']}", flush=True)
-    same = sum(a == b for a, b in zip(*outputs))
+    runs: dict[str, list[dict]] = {"lock-step": [], "one at a time": []}
+    first: list | None = None
+    same = len(problems)
+    for repeat in range(args.repeats):
+        modes = [("lock-step", True), ("one at a time", False)]
+        for mode, lock_step in modes if repeat % 2 == 0 else modes[::-1]:
+            results, measured = run_mode(engine, problems, task, decoding, lock_step)
+            failed = [r for r in results if r.error]
+            if failed:
+                print(f"{mode}: {len(failed)}/{len(results)} episodes failed, first: {failed[0].error}", file=sys.stderr)
+                return 1
+            tokens = sum(c["n_output_tokens"] for r in results for c in r.calls)
+            seconds, cpu = measured["seconds"], measured["cpu"]
+            runs[mode].append({"mode": mode, "eps": len(results) / seconds, "eps_cpu": len(results) / cpu,
+                               "tok_s": tokens / seconds, "llm_calls": sum(r.n_calls for r in results), **measured})
+            trajectories = [[c["token_ids"] for c in r.calls] for r in results]
+            first = first or trajectories
+            same = min(same, sum(a == b for a, b in zip(first, trajectories)))
+            print(f"{mode:>14}: {len(results) / seconds:.4f} episodes/s wall, {len(results) / cpu:.4f} per CPU-s, "
+                  f"{tokens / seconds:.1f} tok/s, {measured['generate_calls']} generate calls, {seconds:.1f} s wall, "
+                  f"{cpu:.1f} s CPU, prompt tokens prefilled {measured['prefilled']} / from prefix cache {measured['reused']}",
+                  flush=True)
+    rows = []
+    for mode, measured_runs in runs.items():
+        median = sorted(measured_runs, key=lambda r: r["seconds"])[(len(measured_runs) - 1) // 2]
+        rows.append({**median, "runs": [r["seconds"] for r in measured_runs]})
     source = "shared valid split" if Path(args.data) == SHARED_VALID else args.data
-    print(f"speed-up {rows[0]['eps'] / rows[1]['eps']:.2f}x wall, {rows[0]['eps_cpu'] / rows[1]['eps_cpu']:.2f}x per CPU-s; "
-          f"identical trajectories {same}/{len(problems)}")
+    print(f"speed-up {rows[0]['eps'] / rows[1]['eps']:.2f}x wall, {rows[0]['eps_cpu'] / rows[1]['eps_cpu']:.2f}x per CPU-s "
+          f"(median runs); identical trajectories {same}/{len(problems)}")
     if args.results:
         write_section(Path(args.results), section_markdown(rows, len(problems), source, args, same))
         print(f"wrote the Episodes section of {args.results}")
