@@ -31,7 +31,7 @@ Conventions (what the rest of the pipeline relies on):
   leave the batch (their cache rows moved up in place, their adapter rows dropped). Rows decode longest prompt
   first, and an SDPA model attends in runs of rows of similar length (`haps_ray.attention`), so a short prompt
   does not read the padding up to the longest one. Temperature 0 is greedy; otherwise temperature + nucleus
-  sampling from a `torch.Generator` seeded by `seed`, drawn in the caller's sample order.
+  sampling from a `torch.Generator` seeded by `seed`, drawn row by row in that decode order.
 - Every call runs in chunks of at most `max_batch_size` samples.
 """
 
@@ -560,7 +560,7 @@ class LLMEngine:
         with use_adapters(self.model, rows_adapters):
             next_pos = positions[:, -1:] + 1
             for step in range(max_new_tokens):
-                tokens = self._pick_in_caller_order(logits, active, temperature, top_p, generator)
+                tokens = _pick_tokens(logits, temperature, top_p, generator)
                 chosen = logits.gather(-1, tokens[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
                 keep = []
                 for row, (tok, lp) in enumerate(zip(tokens.tolist(), chosen.tolist())):
@@ -597,19 +597,6 @@ class LLMEngine:
             )
             for i in range(n)
         ]
-
-    @staticmethod
-    def _pick_in_caller_order(
-        logits: torch.Tensor, active: list[int], temperature: float, top_p: float, generator: torch.Generator | None
-    ) -> torch.Tensor:
-        """`_pick_tokens` for rows that decode in another order than the caller gave them (`active[row]` = the
-        caller's index): sampling draws from the generator in the caller's order, so the samples do not depend
-        on how the engine orders rows."""
-        if temperature == 0:
-            return _pick_tokens(logits, temperature, top_p, generator)
-        order = torch.tensor(sorted(range(len(active)), key=active.__getitem__), device=logits.device)
-        picked = _pick_tokens(logits[order], temperature, top_p, generator)
-        return torch.empty_like(picked).index_copy_(0, order, picked)
 
     # ---- teacher forcing ----
 
