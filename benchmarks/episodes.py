@@ -12,8 +12,9 @@ machine wall time depends on what else runs, so episodes per CPU-second of this 
 (use --threads 1 there: with more torch threads than free cores, CPU time counts spinning threads).
 With `--repeats N` each mode runs N times, alternating which goes first (L A, A L, ...) so that a drift in the
 machine's speed hits both; the table reports each mode's rates over all its runs together, its mean run and every
-run's wall time, and the speed-up is the ratio of those rates (of the total times). With `--results`, the "## Episodes" section of that Markdown file is written (replaced if
-present, appended otherwise); the rest of the file is left as it is.
+run's wall time, and the speed-up is the ratio of those rates (of the total times). With `--results`, the
+"## Episodes" section of that Markdown file is written (replaced if present, appended otherwise); the rest of the
+file is left as it is.
 """
 
 from __future__ import annotations
@@ -63,12 +64,12 @@ def run_mode(engine: LLMEngine, problems, task: TaskConfig, decoding: DecodingCo
 
 
 def aggregate(runs: list[dict], n: int) -> dict:
-    """One mode's runs as one row: rates over all runs together (episodes, tokens and seconds summed), seconds as
-    the mean run, the counts of the first run (every run makes the same calls), and every run's wall time."""
-    seconds, cpu = sum(r["seconds"] for r in runs), sum(r["cpu"] for r in runs)
-    return {**runs[0], "eps": n * len(runs) / seconds, "eps_cpu": n * len(runs) / cpu,
-            "tok_s": sum(r["tok_s"] * r["seconds"] for r in runs) / seconds, "seconds": seconds / len(runs),
-            "cpu": cpu / len(runs), "runs": [r["seconds"] for r in runs]}
+    """One mode's runs (of n episodes each) as one row: rates over all runs together (episodes, tokens and seconds
+    summed), seconds as the mean run, the counts of the first run (every run makes the same calls), and every
+    run's wall time."""
+    seconds, cpu, tokens = (sum(r[key] for r in runs) for key in ("seconds", "cpu", "tokens"))
+    return {**runs[0], "eps": n * len(runs) / seconds, "eps_cpu": n * len(runs) / cpu, "tok_s": tokens / seconds,
+            "seconds": seconds / len(runs), "cpu": cpu / len(runs), "runs": [r["seconds"] for r in runs]}
 
 
 def device_name(device: str) -> str:
@@ -148,8 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             tokens = sum(c["n_output_tokens"] for r in results for c in r.calls)
             seconds, cpu = measured["seconds"], measured["cpu"]
-            runs[mode].append({"mode": mode, "eps": len(results) / seconds, "eps_cpu": len(results) / cpu,
-                               "tok_s": tokens / seconds, "llm_calls": sum(r.n_calls for r in results), **measured})
+            runs[mode].append({"mode": mode, "tokens": tokens, "llm_calls": sum(r.n_calls for r in results), **measured})
             trajectories = [[c["token_ids"] for c in r.calls] for r in results]
             first = first or trajectories
             same = min(same, sum(a == b for a, b in zip(first, trajectories)))
