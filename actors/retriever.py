@@ -2,11 +2,11 @@
 
 A thin shell: `retrieve` forwards to the core retriever, so results equal a local one's, and the paragraph
 embedding cache lives in the actor, shared by every rollout worker that calls it. The lock-step runner
-(`haps_ray.episodes.EpisodeRunner`) takes the handle in place of a local retriever and sends one batched
-`retrieve` per step.
+(`haps_ray.episodes.EpisodeRunner`) takes a `RetrieverActorClient` in place of a local retriever and sends one
+batched `retrieve` per step.
 
-    retriever = RetrieverActor.remote(cfg.retriever)
-    hits = ray.get(retriever.retrieve.remote(problems, queries))
+    retriever = RetrieverActorClient(RetrieverActor.remote(cfg.retriever))
+    hits = retriever.retrieve(problems, queries).result()
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 
 import ray
 
+from actors.engine import RayPending
 from haps_ray.config import RetrieverConfig
 from haps_ray.retrieval import Passage, Retriever
 from haps_ray.tasks.problem import Problem
@@ -40,3 +41,13 @@ class RetrieverActor:
         """Liveness plus the retriever's state and how busy the actor has been."""
         return {"ok": True, "pid": os.getpid(), "uptime_s": time.time() - self.started, "calls": self.calls,
                 "forward_passes": self.retriever.forward_passes, **self.retriever.health()}
+
+
+class RetrieverActorClient:
+    """`haps_ray.engine.RetrieverClient` over a RetrieverActor handle."""
+
+    def __init__(self, handle: ray.actor.ActorHandle) -> None:
+        self.handle = handle
+
+    def retrieve(self, problems: Sequence[Problem], queries: Sequence[str], top_k: int | None = None) -> RayPending[list[list[Passage]]]:
+        return RayPending(self.handle.retrieve.remote(problems, queries, top_k))

@@ -1,60 +1,65 @@
-"""RL checkpoints: policy weights, optimiser/schedule state and the trainer's position, written atomically.
+"""Checkpoints of SFT and RL: one layout, written atomically, resumable.
 
-Layout of one checkpoint directory:
+A checkpoint directory is a loadable policy (`HAPSPolicy.load(path)`) plus what resumes its training:
 
-    policy/            HAPSPolicy.save (HF backbone + heads safetensors + metadata)
-    learner.pt         optimiser, LR schedule, update count
-    trainer_state.json epoch, position in the epoch's data order, best valid score, patience counter, ...
+    backbone/, heads.safetensors, policy.json   HAPSPolicy.save
+    optimizer.pt                                optimiser, LR schedule and update count of the trainer
+    trainer_state.json                          haps_ray.training.TrainerState (step, epoch, data position, best, ...)
+    metrics.json                                the metrics when it was written (the evaluation, for best/)
+    config.yaml                                 the resolved experiment config
 
-`save_checkpoint` writes into `<dir>.tmp` and renames, so a crash mid-write never leaves a checkpoint that
-looks complete; `latest_checkpoint` finds the newest complete one to resume from.
+A stage (`<run_dir>/sft`, `<run_dir>/rl`) keeps `checkpoints/step_<N>/` (resumable points), `best/` (the best
+valid evaluation) and `last/` (the end of the run). Every checkpoint is written into `<dir>.tmp` and renamed, so a
+crash mid-write never leaves one that looks complete; `Checkpoints.latest()` finds the newest complete one.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from haps_ray.rl.learner import JointLearner
+from haps_ray.config import ExperimentConfig, save_config
+from haps_ray.training import TrainerState
 
-POLICY_DIR = "policy"
-LEARNER_FILE = "learner.pt"
+OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "trainer_state.json"
+METRICS_FILE = "metrics.json"
+CONFIG_FILE = "config.yaml"
 
 
-def save_learner(learner: JointLearner, path: str | Path) -> None:
-    """Policy weights and optimiser state into `path` (created)."""
+def write_policy(policy: Any, path: str | Path, optimizer_state: Mapping[str, Any] | None = None) -> None:
+    """The policy's weights (and the trainer's optimiser state) into `path` (created)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    learner.policy.save(path / POLICY_DIR)
-    torch.save(learner.state_dict(), path / LEARNER_FILE)
+    policy.save(path)
+    if optimizer_state is not None:
+        torch.save(dict(optimizer_state), path / OPTIMIZER_FILE)
 
 
-def load_learner(learner: JointLearner, path: str | Path) -> None:
-    """Restore weights and optimiser state saved by `save_learner` into an existing learner of the same shape."""
-    from haps_ray.routing.policy import HAPSPolicy
-
-    path = Path(path)
-    saved = HAPSPolicy.load(path / POLICY_DIR, device=str(learner.policy.router.device))
-    learner.policy.load_state_dict(saved.state_dict(), strict=True)
-    learner.load_state_dict(torch.load(path / LEARNER_FILE, weights_only=False))
+def read_optimizer_state(path: str | Path) -> dict[str, Any]:
+    file = Path(path) / OPTIMIZER_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"{path}: no {OPTIMIZER_FILE} (a policy without trainer state cannot resume training)")
+    return torch.load(file, weights_only=False)
 
 
-def write_state(path: str | Path, state: dict[str, Any]) -> None:
-    Path(path, STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True))
+def read_state(path: str | Path) -> TrainerState:
+    return TrainerState.from_dict(json.loads(Path(path, STATE_FILE).read_text()))
 
 
-def read_state(path: str | Path) -> dict[str, Any]:
-    return json.loads(Path(path, STATE_FILE).read_text())
+def read_metrics(path: str | Path) -> dict[str, Any]:
+    return json.loads(Path(path, METRICS_FILE).read_text())
 
 
-def finalize(tmp_dir: str | Path, final_dir: str | Path) -> Path:
+def publish(tmp_dir: str | Path, final_dir: str | Path) -> Path:
     """Atomically publish a fully written checkpoint directory (replacing an older one of the same name)."""
     tmp_dir, final_dir = Path(tmp_dir), Path(final_dir)
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
     if final_dir.exists():
         old = final_dir.with_name(final_dir.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
@@ -66,12 +71,47 @@ def finalize(tmp_dir: str | Path, final_dir: str | Path) -> Path:
     return final_dir
 
 
-def latest_checkpoint(root: str | Path) -> Path | None:
-    """The newest complete `step_*` checkpoint under `root` (one with a trainer_state.json), or None."""
-    root = Path(root)
-    if not root.is_dir():
-        return None
-    done = [p for p in root.glob("step_*") if p.is_dir() and (p / STATE_FILE).is_file() and not p.name.endswith((".tmp", ".old"))]
-    if not done:
-        return None
-    return max(done, key=lambda p: int(p.name.split("_")[1]))
+def save_checkpoint(
+    path: str | Path,
+    write: Callable[[Path], None],
+    cfg: ExperimentConfig,
+    metrics: Mapping[str, Any],
+    state: TrainerState | None = None,
+) -> Path:
+    """Write one checkpoint at `path`: `write(tmp_dir)` puts the policy and optimiser state there (e.g.
+    `write_policy`, or a Learner actor's `save`), then come the trainer state, metrics and config; then it is
+    published atomically."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # left over by a run that died mid-write
+    write(tmp)
+    Path(tmp, STATE_FILE).write_text(json.dumps((state or TrainerState()).to_dict(), indent=2, sort_keys=True))
+    Path(tmp, METRICS_FILE).write_text(json.dumps(dict(metrics), indent=2, default=float))
+    save_config(cfg, tmp / CONFIG_FILE)
+    return publish(tmp, path)
+
+
+class Checkpoints:
+    """The checkpoints of one stage directory: `checkpoints/step_<N>`, `best`, `last`."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def step(self, n: int) -> Path:
+        return self.root / "checkpoints" / f"step_{n}"
+
+    @property
+    def best(self) -> Path:
+        return self.root / "best"
+
+    @property
+    def last(self) -> Path:
+        return self.root / "last"
+
+    def latest(self) -> Path | None:
+        """The complete checkpoint with the most updates among `last` and `checkpoints/step_*` (None if none)."""
+        candidates = [p for p in [self.last, *(self.root / "checkpoints").glob("step_*")]
+                      if p.is_dir() and (p / STATE_FILE).is_file() and not p.name.endswith((".tmp", ".old"))]
+        if not candidates:
+            return None
+        return max(candidates, key=lambda p: (read_state(p).step, p == self.last))

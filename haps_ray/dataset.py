@@ -2,7 +2,7 @@
 
 D holds one row per (problem, assignment z): every z in Z = M^K (M candidates, K roles) is run on every
 problem with frozen engines. On disk D is a directory of small Parquet files, hive-partitioned by split
-(`D/split=train/part-<batch>.parquet`), one file per committed batch (see `actors/dataset_builder.py`).
+(`D/split=train/part-<batch>.parquet`), one file per committed batch (see `pipelines/build_dataset.py`).
 
 Order of operations for the reward (why D stores no reward column):
   1. the builder stores the raw task metric `perf` and the raw episode `cost` (USD) of every row;
@@ -19,15 +19,15 @@ import hashlib
 import itertools
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from haps_ray import storage
 from haps_ray.config import DecodingConfig, ExperimentConfig, RewardConfig
+from haps_ray.engine.client import EngineClient, RetrieverClient
 from haps_ray.episodes import EpisodeResult, EpisodeRunner
 from haps_ray.rl.cost import CostNormalizer, PriceTable
 from haps_ray.rl.rewards import combine_reward
@@ -183,8 +183,9 @@ def episode_row(result: EpisodeResult, spec: BatchSpec, z: tuple[int, ...], cfg:
     """One D row from a scored episode (see D_SCHEMA)."""
     names = [c.name for c in cfg.candidates]
     roles = list(cfg.task.roles)
-    by_role, by_engine = result.tokens.get("by_role", {}), result.tokens.get("by_engine", {})
-    trajectory = {"calls": result.calls, "retrievals": result.retrievals, "n_steps": result.n_steps}
+    by_role, by_engine = result.tokens.by_role, result.tokens.by_engine
+    trajectory = {"calls": [c.to_dict() for c in result.calls], "retrievals": [r.to_dict() for r in result.retrievals],
+                  "n_steps": result.n_steps}
     return {
         "problem_id": result.problem_id, "split": spec.split, "task": result.task, "roles": roles, "z": list(z),
         "z_names": [names[i] for i in z], "z_index": assignment_index(z, len(names)), "perf": float(result.perf),
@@ -203,16 +204,12 @@ def episode_row(result: EpisodeResult, spec: BatchSpec, z: tuple[int, ...], cfg:
     }
 
 
-# Error prefixes the episode runner writes when an engine call or a retrieval failed (episodes.py).
-_INFRA_ERRORS = ("engine ", "retrieval failed")
-
-
-def run_batch(spec: BatchSpec, engines: dict[str, Any], cfg: ExperimentConfig, checksums: Sequence[str],
-              retriever: Any = None) -> list[dict]:
+def run_batch(spec: BatchSpec, engines: Mapping[str, EngineClient], cfg: ExperimentConfig, checksums: Sequence[str],
+              retriever: RetrieverClient | None = None) -> list[dict]:
     """Run a batch's episodes in lock-step (frozen engines, no adapters) and return its D rows.
 
-    `engines` maps candidate name to a local `LLMEngine` or an `EngineActor` handle. Decoding is
-    `cfg.eval_decoding`. Raises `EngineFailure` when any engine call or retrieval failed.
+    `engines` maps candidate name to an `EngineClient`. Decoding is `cfg.eval_decoding`. Raises `EngineFailure`
+    when any engine call or retrieval failed.
     """
     names = [c.name for c in cfg.candidates]
     episodes = [make_episode(cfg.task, p, {role: names[i] for role, i in zip(cfg.task.roles, z, strict=True)}, adapters={})
@@ -220,7 +217,7 @@ def run_batch(spec: BatchSpec, engines: dict[str, Any], cfg: ExperimentConfig, c
     runner = EpisodeRunner(engines, cfg.eval_decoding, PriceTable.from_candidates(cfg.candidates), cfg.reward,
                            retriever=retriever, seed=spec.seed)
     results = runner.run(episodes, seed=spec.seed)
-    failed = [r for r in results if r.error and r.error.startswith(_INFRA_ERRORS)]
+    failed = [r for r in results if r.infrastructure_failure]
     if failed:
         raise EngineFailure(f"batch {spec.batch_id}: {len(failed)} episodes hit infrastructure errors, "
                             f"first ({failed[0].problem_id}): {failed[0].error}")

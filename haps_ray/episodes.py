@@ -3,17 +3,18 @@
 Each step of `EpisodeRunner.run`:
 1. every episode waiting on a HotpotQA Search gets its passages from one batched `retrieve` call;
 2. every pending LLM call is gathered and grouped by engine (the episode's assignment maps role -> engine);
-   each engine receives one batched `generate` with one adapter (or None) per sample. With Ray actor
-   handles every engine's call is submitted before any result is awaited, so engines decode concurrently;
+   each engine receives one batched `generate` with one adapter (or None) per sample. Engines are
+   `EngineClient`s: every engine's call is submitted before any result is awaited, so engines in other
+   processes (actors, deployments, APIs) decode concurrently;
 3. each completion goes back to its episode, which parses it and moves on.
 So a run makes at most (steps x engines) generate calls, however many episodes it holds.
 
 Sampling is seeded per call from the run's seed, the step and the engine, so a run is reproducible.
 Nothing an episode does can stop the runner: a failing engine call, retrieval or parse marks the episodes
-involved as failed (their result carries `error`) and the others go on.
+involved as failed (their result carries `error` and `error_kind`) and the others go on.
 
-    runner = EpisodeRunner(engines, cfg.eval_decoding, PriceTable.from_candidates(cfg.candidates), cfg.reward,
-                           retriever=retriever)
+    runner = EpisodeRunner({name: LocalEngineClient(engine)}, cfg.eval_decoding, PriceTable.from_candidates(...),
+                           cfg.reward, retriever=LocalRetrieverClient(retriever))
     results = runner.run([make_episode(cfg.task, p, z, adapters={}) for p in problems])
 """
 
@@ -21,70 +22,66 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 from haps_ray.config import DecodingConfig, RewardConfig
+from haps_ray.engine.client import EngineClient, RetrieverClient
 from haps_ray.rl.cost import CostNormalizer, PriceTable, TokenCounts
 from haps_ray.rl.rewards import combine_reward, task_performance
-from haps_ray.tasks.protocol import Episode
+from haps_ray.tasks.protocol import CallRecord, Episode, ErrorKind, PendingCall, Retrieval
 
 logger = logging.getLogger(__name__)
 
 
-def is_actor(obj: Any) -> bool:
-    """True for a Ray actor handle (the runner then calls `.method.remote(...)` and `ray.get`s)."""
-    try:
-        from ray.actor import ActorHandle
-    except ImportError:
-        return False
-    return isinstance(obj, ActorHandle)
-
-
-def submit(target: Any, method: str, *args: Any, **kwargs: Any) -> Any:
-    """`target.method(*args, **kwargs)`: called here for a local object (the result), or sent with `.remote` to a
-    Ray actor handle (an ObjectRef for `collect`), so that calls to several actors are in flight at once."""
-    function = getattr(target, method)
-    return function.remote(*args, **kwargs) if is_actor(target) else function(*args, **kwargs)
-
-
-def collect(pending: Any) -> Any:
-    """The value of what `submit` returned: `ray.get` of an ObjectRef, anything else as it is."""
-    try:
-        import ray
-    except ImportError:
-        return pending
-    return ray.get(pending) if isinstance(pending, ray.ObjectRef) else pending
-
-
 @dataclass
 class EpisodeResult:
-    """A scored trajectory: every call, the answer, performance, tokens, cost and reward (JSON-serialisable)."""
+    """A scored trajectory: every call, the answer, performance, tokens, cost and reward."""
 
     problem_id: str
     task: str
     assignment: dict[str, str]
-    calls: list[dict]
+    calls: list[CallRecord]
     final_answer: str | None
     gold: str
     perf: float  # raw task performance (F1 / EM / accuracy), before shaping
     reward: float | None  # None until a cost normaliser is available (λ > 0)
     cost: float  # USD
     cost_norm: float | None
-    tokens: dict  # TokenCounts.to_dict(): per role and per engine, in/out
+    tokens: TokenCounts  # per role and per engine, in/out
     n_calls: int
     n_steps: int
     n_malformed: int
-    retrievals: list[dict] = field(default_factory=list)
+    retrievals: list[Retrieval] = field(default_factory=list)
     error: str | None = None
+    error_kind: ErrorKind | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """JSON-serialisable form; `calls` and `retrievals` are written as in D's `trajectory` column."""
+        return {
+            "problem_id": self.problem_id, "task": self.task, "assignment": dict(self.assignment),
+            "calls": [c.to_dict() for c in self.calls], "final_answer": self.final_answer, "gold": self.gold,
+            "perf": self.perf, "reward": self.reward, "cost": self.cost, "cost_norm": self.cost_norm,
+            "tokens": self.tokens.to_dict(), "n_calls": self.n_calls, "n_steps": self.n_steps,
+            "n_malformed": self.n_malformed, "retrievals": [r.to_dict() for r in self.retrievals],
+            "error": self.error, "error_kind": None if self.error_kind is None else self.error_kind.value,
+        }
 
     @classmethod
     def from_dict(cls, data: dict) -> EpisodeResult:
-        return cls(**data)
+        kind = data.get("error_kind")
+        return cls(**{
+            **data,
+            "calls": [CallRecord.from_dict(c) for c in data["calls"]],
+            "tokens": TokenCounts.from_dict(data["tokens"]),
+            "retrievals": [Retrieval.from_dict(r) for r in data.get("retrievals", [])],
+            "error_kind": None if kind is None else ErrorKind(kind),
+        })
+
+    @property
+    def infrastructure_failure(self) -> bool:
+        """The episode ended because an engine or the retriever failed (not because of anything it did)."""
+        return self.error_kind is not None and self.error_kind.infrastructure
 
 
 @dataclass
@@ -106,16 +103,16 @@ def score(result: EpisodeResult, reward: RewardConfig, normalizer: CostNormalize
 
 
 class EpisodeRunner:
-    """Drives batches of episodes in lock-step over local `LLMEngine`s and/or `EngineActor` handles."""
+    """Drives batches of episodes in lock-step over `EngineClient`s (one per candidate name)."""
 
     def __init__(
         self,
-        engines: dict[str, Any],
+        engines: Mapping[str, EngineClient],
         decoding: DecodingConfig,
         prices: PriceTable,
         reward: RewardConfig | None = None,
         normalizer: CostNormalizer | None = None,
-        retriever: Any = None,
+        retriever: RetrieverClient | None = None,
         seed: int = 0,
     ) -> None:
         if not engines:
@@ -123,6 +120,12 @@ class EpisodeRunner:
         missing = sorted(set(engines) - set(prices.prices))
         if missing:
             raise ValueError(f"no price for engines {missing}; every engine needs price_in/price_out")
+        for name, client in engines.items():
+            if not isinstance(client, EngineClient):
+                raise TypeError(f"engine {name!r}: {type(client).__name__} is not an EngineClient "
+                                "(wrap a local engine in haps_ray.engine.LocalEngineClient)")
+        if retriever is not None and not isinstance(retriever, RetrieverClient):
+            raise TypeError(f"retriever: {type(retriever).__name__} is not a RetrieverClient")
         self.engines = dict(engines)
         self.engine_order = sorted(engines)
         self.decoding = decoding
@@ -162,7 +165,7 @@ class EpisodeRunner:
             calls = [(ep, ep.pending_call()) for ep in active if not ep.done]
             for ep, call in calls:
                 if call is None and ep.pending_retrieval() is None:
-                    ep.fail("episode is neither done nor waiting for a call or a retrieval")
+                    ep.fail("episode is neither done nor waiting for a call or a retrieval", ErrorKind.PROTOCOL)
             self._generate([(ep, c) for ep, c in calls if c is not None and not ep.done], stats, run_seed)
             stats.steps += 1
             for ep in active:
@@ -182,64 +185,61 @@ class EpisodeRunner:
         problems, queries = [ep.problem for ep, _ in waiting], [q for _, q in waiting]
         stats.retrieve_calls += 1
         try:
-            hits = collect(submit(self.retriever, "retrieve", problems, queries))
+            hits = self.retriever.retrieve(problems, queries).result()
         except Exception as err:
             logger.exception("retrieval failed for %d episodes", len(waiting))
             for ep, _ in waiting:
-                ep.fail(f"retrieval failed: {type(err).__name__}: {err}")
+                ep.fail(f"retrieval failed: {type(err).__name__}: {err}", ErrorKind.RETRIEVAL)
             return
         for (ep, _), passages in zip(waiting, hits):
             try:
                 ep.receive_retrieval([(p[0], p[1]) for p in passages])
             except Exception as err:
                 logger.exception("episode %s rejected its passages", ep.problem.id)
-                ep.fail(f"receive_retrieval failed: {type(err).__name__}: {err}")
+                ep.fail(f"receive_retrieval failed: {type(err).__name__}: {err}", ErrorKind.INTERNAL)
 
-    def _generate(self, calls: list[tuple[Episode, Any]], stats: RunStats, run_seed: int) -> None:
-        groups: dict[str, list[tuple[Episode, Any]]] = {}
+    def _generate(self, calls: list[tuple[Episode, PendingCall]], stats: RunStats, run_seed: int) -> None:
+        groups: dict[str, list[tuple[Episode, PendingCall]]] = {}
         for ep, call in calls:
             groups.setdefault(ep.engine_for(call.role), []).append((ep, call))
-        submitted: dict[str, Any] = {}
         seeds = {name: self.call_seed(run_seed, stats.steps, name) for name in groups}
-        # remote engines first, so they all decode while local ones run here
-        for name in sorted(groups, key=lambda n: not is_actor(self.engines[n])):
-            batch = groups[name]
-            args = dict(
-                messages=[call.messages for _, call in batch],
-                adapters=[ep.adapter_for(call.role) for ep, call in batch],
-                max_new_tokens=self.decoding.max_new_tokens, temperature=self.decoding.temperature,
-                top_p=self.decoding.top_p, stop=sorted({s for ep, _ in batch for s in ep.stop}) or None,
-                seed=seeds[name],
-            )
-            engine = self.engines[name]
-            if all(a is None for a in args["adapters"]):
-                args["adapters"] = None
-            elif is_actor(engine):  # tensors that require grad cannot be pickled; decoding needs no graph
-                args["adapters"] = [None if a is None else a.detach() for a in args["adapters"]]
+        submitted = {}
+        for name, batch in groups.items():  # every call goes out before any result is awaited
+            adapters = [ep.adapter_for(call.role) for ep, call in batch]
             stats.generate_calls += 1
             try:
-                submitted[name] = submit(engine, "generate", **args)
+                submitted[name] = self.engines[name].generate(
+                    [call.messages for _, call in batch],
+                    None if all(a is None for a in adapters) else adapters,
+                    max_new_tokens=self.decoding.max_new_tokens, temperature=self.decoding.temperature,
+                    top_p=self.decoding.top_p, stop=sorted({s for ep, _ in batch for s in ep.stop}) or None,
+                    seed=seeds[name],
+                )
             except Exception as err:
                 submitted[name] = err
+                continue
+            if not callable(getattr(submitted[name], "result", None)):
+                raise TypeError(f"engine {name!r}: generate returned a {type(submitted[name]).__name__}, not a pending "
+                                "result; wrap a local engine in haps_ray.engine.LocalEngineClient")
         for name, batch in groups.items():
             outcome = submitted[name]
             if not isinstance(outcome, Exception):
                 try:
-                    outcome = collect(outcome)
+                    outcome = outcome.result()
                 except Exception as err:
                     outcome = err
             if isinstance(outcome, Exception) or len(outcome) != len(batch):
                 reason = outcome if isinstance(outcome, Exception) else f"{len(outcome)} generations for {len(batch)} prompts"
                 logger.error("engine %s failed on %d calls: %s", name, len(batch), reason)
                 for ep, _ in batch:
-                    ep.fail(f"engine {name} failed: {reason}")
+                    ep.fail(f"engine {name} failed: {reason}", ErrorKind.ENGINE)
                 continue
             for (ep, _), gen in zip(batch, outcome):
                 try:
                     ep.advance(gen.text, generation=gen, step=stats.steps, seed=seeds[name])
                 except Exception as err:
                     logger.exception("episode %s failed to advance", ep.problem.id)
-                    ep.fail(f"advance failed: {type(err).__name__}: {err}")
+                    ep.fail(f"advance failed: {type(err).__name__}: {err}", ErrorKind.INTERNAL)
 
     # ---- results --------------------------------------------------------------------------------
 
@@ -249,10 +249,10 @@ class EpisodeRunner:
             tokens.add(call.role, call.engine, call.n_input_tokens, call.n_output_tokens)
         result = EpisodeResult(
             problem_id=ep.problem.id, task=ep.task, assignment=dict(ep.assignment),
-            calls=[c.to_dict() for c in ep.calls], final_answer=ep.final_answer, gold=ep.problem.answer,
+            calls=list(ep.calls), final_answer=ep.final_answer, gold=ep.problem.answer,
             perf=task_performance(ep.task, ep.final_answer, ep.problem.answer, self.reward.metric),
-            reward=None, cost=self.prices.episode_cost(tokens), cost_norm=None, tokens=tokens.to_dict(),
+            reward=None, cost=self.prices.episode_cost(tokens), cost_norm=None, tokens=tokens,
             n_calls=len(ep.calls), n_steps=n_steps, n_malformed=sum(c.malformed for c in ep.calls),
-            retrievals=list(getattr(ep, "retrieved", [])), error=ep.error,
+            retrievals=list(ep.retrieved), error=ep.error, error_kind=ep.error_kind,
         )
-        return score(result, self.reward, self.normalizer)
+        return score(result, self.reward, normalizer=self.normalizer)

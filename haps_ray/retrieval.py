@@ -26,6 +26,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from haps_ray.config import RetrieverConfig
+from haps_ray.pooling import mean_pool
 from haps_ray.tasks.problem import Problem
 
 logger = logging.getLogger(__name__)
@@ -98,12 +99,8 @@ class Retriever:
                                    max_length=self.max_length, return_tensors="pt").to(self.device)
             hidden = self.model(**batch).last_hidden_state  # (b, t, d)
             self.forward_passes += 1
-            if self.pooling == "cls":
-                pooled = hidden[:, 0]
-            else:
-                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (b, t, 1)
-                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-            out.append(torch.nn.functional.normalize(pooled.float(), dim=-1).cpu())
+            pooled = hidden[:, 0].float() if self.pooling == "cls" else mean_pool(hidden, batch["attention_mask"])
+            out.append(torch.nn.functional.normalize(pooled, dim=-1).cpu())
         return torch.cat(out)
 
     def _corpora(self, problems: Sequence[Problem]) -> list[torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Build the action-level dataset D, then D_SFT and the static baselines from it.
+"""Build the action-level dataset D on Ray, then D_SFT and the static baselines from it.
 
     python -m pipelines.build_dataset --config tune_configs/offline_mmlu.yaml --set task.n_train=20
     ray job submit --working-dir . -- python -m pipelines.build_dataset --config tune_configs/mmlu_llama_qwen.yaml
@@ -10,6 +10,14 @@ Outputs under `dataset.output` (default `<run_dir>/dataset`, local or s3://):
     baselines.md, baselines.csv      every fixed z, uniform random, oracle, per split
     summary.json                     the build report, label summary and headroom
 Re-running the same command resumes: (problem, z) already in D are skipped.
+
+Placement: an `EnginePool` (each candidate's replicas, resources from its config); lane i is a DatasetWorker
+driving lock-step batches over replica i (mod that candidate's count) of every candidate; one batch is in flight per
+lane. Exactly once: a batch's rows are committed as one Parquet file named by a hash of its (problem, z) keys
+(atomic write), so re-running a batch overwrites its own file, and a resumed build plans only the (problem, z) not
+yet in D. A worker or engine process that dies is restarted by Ray, which retries what it was running. An engine
+killed for good fails its batch: the scheduler replaces it and re-queues the batch whole. A failure with every actor
+alive is a bug and stops the build (committed batches stay for the resume).
 """
 
 from __future__ import annotations
@@ -17,29 +25,170 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Sequence
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import pyarrow as pa
+import ray
+from ray.exceptions import RayActorError
 
-from actors.dataset_builder import BuildReport, DatasetBuilder
+from actors.dataset import DatasetWorker
+from actors.engine import EnginePool
 from haps_ray import dataset as D
 from haps_ray import storage
 from haps_ray.config import ExperimentConfig
 from haps_ray.dataset_labels import label_summary_markdown, sft_labels, static_baselines, write_baselines
+from haps_ray.metrics import Progress
 from haps_ray.rl.cost import CostNormalizer
+from haps_ray.tasks import Problem
 from pipelines import common
 
 logger = logging.getLogger("pipelines.build_dataset")
 
 
-def output_dir(cfg: ExperimentConfig) -> str:
-    """`dataset.output`, or `<run_dir>/dataset`, resolved like the run directory."""
-    if cfg.dataset.output:
-        return common.resolve_location(cfg.dataset.output)
-    return storage.join(common.resolve_run_dir(cfg), "dataset")
+class BuildActors:
+    """The engine pool plus one DatasetWorker per lane; reusable across builds with the same candidates."""
+
+    def __init__(self, cfg: ExperimentConfig, replicas: int | None = None) -> None:
+        self.candidates = [(c.name, c.model) for c in cfg.candidates]
+        restarts = cfg.dataset.max_engine_restarts
+        self.pool = EnginePool(cfg, cfg.dataset.replicas if replicas is None else replicas, max_restarts=restarts)
+        self.workers = [DatasetWorker.options(max_restarts=restarts, max_task_retries=restarts).remote()
+                        for _ in range(self.pool.lanes)]
+        try:
+            self.checksums = self.pool.wait_ready()
+        except Exception:
+            self.shutdown()
+            raise
+
+    def check(self, cfg: ExperimentConfig) -> None:
+        wanted = [(c.name, c.model) for c in cfg.candidates]
+        if wanted != self.candidates:
+            raise ValueError(f"these actors host {self.candidates}, the config asks for {wanted}")
+
+    def shutdown(self) -> None:
+        self.pool.shutdown()
+        for worker in self.workers:
+            ray.kill(worker)
 
 
-def frozen_normalizer(d: pa.Table, out: str) -> CostNormalizer | None:
+@dataclass
+class BuildReport:
+    """What one build did (written to summary.json by the pipeline)."""
+
+    planned_episodes: int = 0
+    already_present: int = 0
+    committed_episodes: int = 0
+    committed_batches: int = 0
+    requeued_batches: int = 0
+    engine_restarts: int = 0
+    duplicates_on_read: int = 0
+    missing: int = 0
+    rows_per_split: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    episodes_per_s: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class DatasetBuilder:
+    """Enumerates every (problem, z), runs the missing ones on Ray and commits them to D at `d_uri`.
+
+    `actors` lets several builds share started engines (tests, benchmarks); without it the build
+    starts its own and stops them at the end.
+    """
+
+    def __init__(self, cfg: ExperimentConfig, d_uri: str, actors: BuildActors | None = None) -> None:
+        self.cfg, self.d_uri, self.actors = cfg, d_uri, actors
+        self.names = [c.name for c in cfg.candidates]
+        self.n_z = len(self.names) ** len(cfg.task.roles)
+
+    def _commit(self, spec: D.BatchSpec, rows: list[dict]) -> None:
+        table = D.rows_to_table(rows).drop_columns([D.PARTITION])
+        storage.write_table(table, storage.join(self.d_uri, f"{D.PARTITION}={spec.split}", f"{spec.batch_id}.parquet"))
+
+    def build(self, problems: dict[str, list[Problem]], callback: Callable[[str, dict], None] | None = None) -> BuildReport:
+        """Run every missing (problem, z) of `problems` (split -> problems); returns the report.
+
+        `callback(event, info)` is called on 'dispatch' (info: batch_id, lane, split, the lane's engine
+        handles) and on 'commit' (batch_id, lane, split, rows); an exception from it stops the build.
+        """
+        report, started = BuildReport(), time.monotonic()
+        existing, _ = D.read_d(self.d_uri)
+        actors = self.actors or BuildActors(self.cfg)
+        try:
+            actors.check(self.cfg)
+            D.check_compatible(existing, self.names, actors.checksums, self.cfg.eval_decoding, self.d_uri)
+            specs = D.plan_batches(problems, len(self.names), len(self.cfg.task.roles), D.present_keys(existing),
+                                   self.cfg.dataset.batch_size, self.cfg.seed)
+            report.planned_episodes = sum(len(s.zs) for s in specs)
+            report.already_present = sum(len(ps) for ps in problems.values()) * self.n_z - report.planned_episodes
+            logger.info("D at %s: %d episodes to run in %d batches over %d lanes (%d already present)",
+                        self.d_uri, report.planned_episodes, len(specs), len(actors.workers), report.already_present)
+            self._run(deque(specs), actors, report, callback)
+        finally:
+            if self.actors is None:
+                actors.shutdown()
+        final, report.duplicates_on_read = D.read_d(self.d_uri, splits=list(problems))
+        expected = {(s, p.id, i) for s, ps in problems.items() for p in ps for i in range(self.n_z)}
+        report.missing = len(expected - D.present_keys(final))
+        splits = final.column(D.PARTITION).to_pylist()
+        report.rows_per_split = {s: splits.count(s) for s in problems}
+        report.seconds = time.monotonic() - started
+        report.episodes_per_s = report.committed_episodes / report.seconds if report.seconds else 0.0
+        if report.missing:
+            raise RuntimeError(f"D at {self.d_uri} lacks {report.missing} (problem, z) rows after the build")
+        return report
+
+    def _run(self, queue: deque, actors: BuildActors, report: BuildReport,
+             callback: Callable[[str, dict], None] | None) -> None:
+        progress = Progress("D", report.planned_episodes, every_s=self.cfg.dataset.progress_every_s, unit=" episodes")
+        in_flight: dict[Any, tuple[int, D.BatchSpec, dict[str, Any]]] = {}
+        while queue or in_flight:
+            busy = {lane for lane, _, _ in in_flight.values()}
+            for lane, worker in enumerate(actors.workers):
+                if lane not in busy and queue:
+                    spec, engines = queue.popleft(), actors.pool.lane(lane)
+                    in_flight[worker.run_batch.remote(spec, engines, actors.checksums, self.cfg)] = (lane, spec, engines)
+                    if callback:
+                        callback("dispatch", {"batch_id": spec.batch_id, "lane": lane, "split": spec.split, "engines": engines})
+            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=self.cfg.dataset.progress_every_s)
+            if not ready:
+                progress.update(0)
+            for ref in ready:
+                lane, spec, engines = in_flight.pop(ref)
+                try:
+                    rows = ray.get(ref)
+                except (RayActorError, D.EngineFailure) as err:
+                    self._recover(spec, engines, actors, report, err)
+                    queue.appendleft(spec)
+                    continue
+                self._commit(spec, rows)
+                report.committed_batches += 1
+                report.committed_episodes += len(rows)
+                progress.update(len(rows))
+                if callback:
+                    callback("commit", {"batch_id": spec.batch_id, "lane": lane, "split": spec.split, "rows": len(rows)})
+
+    def _recover(self, spec: D.BatchSpec, engines: dict[str, Any], actors: BuildActors, report: BuildReport,
+                 err: Exception) -> None:
+        """Replace the engines that died under a failed batch, or re-raise when none did."""
+        replaced, stale = actors.pool.replace_dead(engines)
+        if not (replaced or stale):
+            raise RuntimeError(f"batch {spec.batch_id} failed with every actor alive: {err}") from err
+        report.engine_restarts += replaced
+        report.requeued_batches += 1
+        if report.engine_restarts > self.cfg.dataset.max_engine_restarts:
+            raise RuntimeError(f"{report.engine_restarts} engine replacements exceed dataset.max_engine_restarts="
+                               f"{self.cfg.dataset.max_engine_restarts}; last failure: {err}") from err
+        logger.warning("batch %s re-queued after an engine died (%s)", spec.batch_id, type(err).__name__)
+
+
+def frozen_normalizer(cfg: ExperimentConfig, d: pa.Table, out: str) -> CostNormalizer | None:
     """Fit on D's train rows and save; without train rows, load the one saved by an earlier build."""
     uri = storage.join(out, "cost_normalizer.json")
     if "train" in set(d.column("split").to_pylist()):
@@ -52,7 +201,7 @@ def frozen_normalizer(d: pa.Table, out: str) -> CostNormalizer | None:
 def write_tables(cfg: ExperimentConfig, out: str) -> dict:
     """D_SFT, label summary, baselines and the frozen cost normaliser from the D under `out`."""
     d, duplicates = D.read_d(storage.join(out, "D"))
-    normalizer = frozen_normalizer(d, out)
+    normalizer = frozen_normalizer(cfg, d, out)
     d = D.with_reward(d, cfg.reward, normalizer)
     labels, label_summary = sft_labels(d, cfg.dataset.tie_policy, cfg.dataset.drop_all_zero, cfg.dataset.balance, cfg.seed)
     storage.write_table(labels, storage.join(out, "D_sft.parquet"))
@@ -64,21 +213,28 @@ def write_tables(cfg: ExperimentConfig, out: str) -> dict:
             "baselines": [r.__dict__ for r in rows]}
 
 
+def build(cfg: ExperimentConfig) -> dict:
+    """Build (or complete) D for `cfg.dataset.splits` and write the tables; returns the summary (also written)."""
+    out = common.dataset_dir(cfg)
+    common.save_resolved_config(cfg, out, "build_config.yaml")
+    problems = {split: common.load_split(cfg, split) for split in cfg.dataset.splits}
+    report = DatasetBuilder(cfg, storage.join(out, "D")).build(problems)
+    tables = write_tables(cfg, out)
+    summary = {"build": report.to_dict(), **tables}
+    storage.write_text(storage.join(out, "summary.json"), json.dumps(summary, indent=2))
+    return summary
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = common.parse_args("Build the action-level dataset D, D_SFT and static baselines", argv)
     common.setup_logging(args.log_level)
     cfg = common.load(args)
-    out = output_dir(cfg)
     common.init_ray(cfg)
-    common.save_resolved_config(cfg, out, "build_config.yaml")
-    problems = {split: common.load_split(cfg, split) for split in cfg.dataset.splits}
-    report: BuildReport = DatasetBuilder(cfg, storage.join(out, "D")).build(problems)
-    tables = write_tables(cfg, out)
-    summary = {"build": report.to_dict(), **tables}
-    storage.write_text(storage.join(out, "summary.json"), json.dumps(summary, indent=2))
-    print(f"D: {tables['rows']} rows at {storage.join(out, 'D')} ({report.committed_episodes} run now, "
-          f"{report.already_present} already present, {report.requeued_batches} batches re-queued, "
-          f"{report.episodes_per_s:.2f} episodes/s)")
+    summary = build(cfg)
+    out, report = common.dataset_dir(cfg), summary["build"]
+    print(f"D: {summary['rows']} rows at {storage.join(out, 'D')} ({report['committed_episodes']} run now, "
+          f"{report['already_present']} already present, {report['requeued_batches']} batches re-queued, "
+          f"{report['episodes_per_s']:.2f} episodes/s)")
     print(storage.read_text(storage.join(out, "baselines.md")))
     return 0
 

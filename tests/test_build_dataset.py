@@ -17,13 +17,14 @@ import yaml
 from haps_ray import dataset as D
 from haps_ray import storage
 from haps_ray.config import config_from_dict
-from haps_ray.engine import LLMEngine
+from haps_ray.engine import LLMEngine, LocalEngineClient
 from haps_ray.rl.cost import PriceTable
 from haps_ray.tasks import load_problems
 from pipelines import common
 
+from tests.helpers import FIXTURES
+
 ROOT = Path(__file__).resolve().parent.parent
-FIXTURES = Path(__file__).parent / "fixtures"
 
 
 def config(task: str = "mmlu", **dataset) -> dict:
@@ -74,7 +75,8 @@ def test_run_batch_rows_from_local_engines(make_tiny):
     engines = {"a": LLMEngine(*make_tiny("llama"), name="a"), "b": LLMEngine(*make_tiny("qwen2"), name="b")}
     checksums = [engines["a"].checksum, engines["b"].checksum]
     spec = D.plan_batches({"valid": problems()[:1]}, 2, 2, set(), batch_size=4, seed=cfg.seed)[0]
-    rows = D.run_batch(spec, engines, cfg, checksums)
+    clients = {name: LocalEngineClient(engine) for name, engine in engines.items()}
+    rows = D.run_batch(spec, clients, cfg, checksums)
     table = D.rows_to_table(rows)
     assert table.num_rows == 4 and [r["z_index"] for r in rows] == [0, 1, 2, 3]
     prices = PriceTable.from_candidates(cfg.candidates)
@@ -96,7 +98,7 @@ def test_run_batch_rows_from_local_engines(make_tiny):
     # exactly (a warm prefix cache changes float rounding, which can flip near-tied tokens of these random models)
     for engine in engines.values():
         engine.clear_prefix_cache()
-    assert D.run_batch(spec, engines, cfg, checksums) == rows
+    assert D.run_batch(spec, clients, cfg, checksums) == rows
 
 
 def test_run_batch_refuses_engine_failures(make_tiny):
@@ -104,25 +106,30 @@ def test_run_batch_refuses_engine_failures(make_tiny):
     engines = {"a": LLMEngine(*make_tiny("llama"), name="a"), "b": BrokenEngine()}
     spec = D.plan_batches({"train": problems()[:1]}, 2, 2, set(), batch_size=4, seed=0)[0]
     with pytest.raises(D.EngineFailure, match="engine b failed.*device lost"):
-        D.run_batch(spec, engines, cfg, ["x", "y"])
+        D.run_batch(spec, {name: LocalEngineClient(engine) for name, engine in engines.items()}, cfg, ["x", "y"])
 
 
-def test_init_ray_resolution(monkeypatch):
-    calls = []
-    monkeypatch.setattr(common.ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(common.ray, "init", lambda **kwargs: calls.append(kwargs))
-    monkeypatch.setattr(common.ray, "get_runtime_context", lambda: type("Ctx", (), {"gcs_address": "127.0.0.1:1"})())
-    monkeypatch.setattr(common.ray, "cluster_resources", lambda: {"CPU": 2.0})
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    cfg = config_from_dict(config())
-    common.init_ray(cfg)
-    assert calls == [{"address": None}]  # a `ray start` cluster if there is one, else a new local Ray
-    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # what `ray job submit` gives the job's driver
-    common.init_ray(cfg)
-    assert calls[-1] == {"address": "10.0.0.1:6379"}
-    cfg.ray_address = "ray://head:10001"
-    common.init_ray(cfg)
-    assert calls[-1] == {"address": "ray://head:10001"}
+def connect_in_subprocess(env: dict, cfg_path: Path) -> str:
+    """The GCS address `common.init_ray` connects a fresh driver process to."""
+    code = ("import sys; from pipelines import common; "
+            "print(common.init_ray(common.load(common.parse_args('x', ['--config', sys.argv[1]]))))")
+    proc = subprocess.run([sys.executable, "-c", code, str(cfg_path)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def test_init_ray_joins_the_cluster_named_by_ray_address_or_the_config(ray_session, tmp_path):
+    """On a real local cluster: a driver given RAY_ADDRESS (what `ray job submit` sets) or `ray_address` in its
+    config joins that cluster instead of starting its own."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(yaml.safe_dump(config()))
+    assert connect_in_subprocess({**env, "RAY_ADDRESS": ray_session}, plain) == ray_session
+    addressed = tmp_path / "addressed.yaml"
+    addressed.write_text(yaml.safe_dump({**config(), "ray_address": ray_session}))
+    assert connect_in_subprocess(env, addressed) == ray_session
+    assert common.init_ray(config_from_dict(config())) == ray_session  # already initialised here: kept as it is
 
 
 def test_cli_overrides_and_locations(tmp_path, monkeypatch):
@@ -144,16 +151,9 @@ def test_cli_overrides_and_locations(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def build_actors(ray_cluster):
+def build_actors(ray_session):
     """Engines and a worker lane shared by the in-process builds (starting them is most of a build's time)."""
-    from actors.dataset_builder import BuildActors
+    from pipelines.build_dataset import BuildActors
 
     actors = BuildActors(config_from_dict(config()))
     yield actors
@@ -165,10 +165,10 @@ def expected_keys(split_problems: dict) -> set:
 
 
 @pytest.mark.slow
-def test_pipeline_builds_d_and_tables(ray_cluster, tmp_path):
+def test_pipeline_builds_d_and_tables(ray_session, tmp_path):
     cfg_path = tmp_path / "tiny.yaml"
     cfg_path.write_text(yaml.safe_dump({**config(), "run_dir": str(tmp_path / "run")}))
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster}
+    env = {**os.environ, "RAY_ADDRESS": ray_session}
     proc = subprocess.run([sys.executable, "-m", "pipelines.build_dataset", "--config", str(cfg_path), "--set", "task.n_train=2"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -190,7 +190,7 @@ def test_pipeline_builds_d_and_tables(ray_cluster, tmp_path):
 
 @pytest.mark.slow
 def test_builds_hotpotqa(build_actors, tmp_path):
-    from actors.dataset_builder import DatasetBuilder
+    from pipelines.build_dataset import DatasetBuilder
 
     cfg = config_from_dict(config("hotpotqa"))
     split_problems = {"train": problems("hotpotqa")}
@@ -202,7 +202,7 @@ def test_builds_hotpotqa(build_actors, tmp_path):
 
 @pytest.mark.slow
 def test_crashed_build_resumes_on_s3(build_actors, s3_server):
-    from actors.dataset_builder import DatasetBuilder
+    from pipelines.build_dataset import DatasetBuilder
 
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="resume")
     uri = "s3://resume/run/D"
@@ -237,7 +237,7 @@ def test_crashed_build_resumes_on_s3(build_actors, s3_server):
 
 @pytest.mark.slow
 def test_killed_engine_is_replaced_and_rows_are_exactly_once(build_actors, tmp_path):
-    from actors.dataset_builder import DatasetBuilder
+    from pipelines.build_dataset import DatasetBuilder
 
     cfg = config_from_dict(config())
     split_problems = {"train": problems()}

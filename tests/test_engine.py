@@ -14,34 +14,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from haps_ray.config import CandidateConfig
-from haps_ray.engine import LLMEngine, bucket_by_engine, prefill_groups
-from haps_ray.lora import Adapter, decoder_layers
-from haps_ray.prefix_cache import common_prefix_length
-from tests.test_lora import ARCHS, merged_model, random_adapter
-
-CHATS = [
-    [{"role": "user", "content": "What is the capital of France?"}],
-    [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "2+2?"}],
-    [{"role": "user", "content": "Name three prime numbers and explain why each one is prime."}],
-]
-
-
-def make_engine(make_tiny, arch: str, k: int = 1, **kwargs) -> tuple[LLMEngine, nn.Module]:
-    """An engine plus an untouched copy of its base model (the reference's starting point)."""
-    model, tok = make_tiny(arch)
-    plain = copy.deepcopy(model)
-    return LLMEngine(model, tok, name=f"tiny-{arch}", lora_layers=k, **kwargs), plain
-
-
-def mixed_adapters(engine: LLMEngine, k: int = 1) -> list[Adapter | None]:
-    return [random_adapter(engine.model, k, 8, 1.0, seed=21), None, random_adapter(engine.model, k, 4, 0.5, seed=22)]
-
-
-def reference_logprobs(model: nn.Module, prompt: list[int], completion: list[int]) -> torch.Tensor:
-    """log p(completion | prompt) from one unpadded forward of `model`."""
-    ids = torch.tensor([prompt + completion])
-    logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
-    return logp[len(prompt) - 1 : -1].gather(-1, torch.tensor(completion)[:, None]).squeeze(-1)
+from haps_ray.engine import LLMEngine, bucket_by_engine
+from haps_ray.engine.hf_internals import TransformersInternalsError, check_internals
+from haps_ray.engine.prefill import prefill_groups
+from haps_ray.engine.prefix_cache import common_prefix_length
+from haps_ray.lora import decoder_layers
+from tests.helpers import (
+    ARCHS, CHATS, assert_matches_merged_references, hf_greedy, make_engine, merged_model, mixed_adapters, random_adapter,
+    reference_logprobs,
+)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -52,9 +33,9 @@ def test_mixed_batch_generate_and_score_match_per_sample_merged_runs(make_tiny, 
     assert len(groups) > 1  # prefilled in groups whose caches are merged (and, for llama/qwen2, rows re-ordered)
     gens = engine.generate(CHATS, adapters, max_new_tokens=6)
     for i, (chat, adapter, gen) in enumerate(zip(CHATS, adapters, gens)):
-        reference = LLMEngine(merged_model(plain, adapter), engine.tokenizer, name="ref")
-        alone = reference.generate([chat], max_new_tokens=6)[0]
-        assert gen.token_ids == alone.token_ids, f"sample {i}"
+        oracle = hf_greedy(merged_model(plain, adapter), engine.encode_prompt(chat), 6, engine.encoder.eos_ids,
+                           engine.encoder.pad_id)
+        assert gen.token_ids == oracle, f"sample {i}"
         assert gen.n_input_tokens == len(engine.encode_prompt(chat))
         assert gen.n_output_tokens == len(gen.token_ids)
         with torch.no_grad():
@@ -83,15 +64,6 @@ def second_round(chats: list, replies: list[str]) -> list:
     """Each chat extended by its reply and a follow-up: its whole first-round prompt is a prefix of the new one."""
     return [chat + [{"role": "assistant", "content": reply}, {"role": "user", "content": "Check it once more."}]
             for chat, reply in zip(chats, replies)]
-
-
-def assert_matches_merged_references(engine: LLMEngine, plain: nn.Module, chats: list, adapters: list, gens: list) -> None:
-    for i, (chat, adapter, gen) in enumerate(zip(chats, adapters, gens)):
-        reference = LLMEngine(merged_model(plain, adapter), engine.tokenizer, name="ref", prefix_cache_mb=0)
-        assert gen.token_ids == reference.generate([chat], max_new_tokens=len(gen.token_ids))[0].token_ids, f"sample {i}"
-        with torch.no_grad():
-            expected = reference_logprobs(merged_model(plain, adapter), engine.encode_prompt(chat), gen.token_ids)
-        assert (torch.tensor(gen.logprobs) - expected).abs().max().item() < 1e-5, f"sample {i}"
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -317,36 +289,44 @@ def test_from_config_and_info(make_tiny) -> None:
     assert info["adapter_shapes"] == [(64, 64), (64, 64)] and info["checksum"] == model_checksum(reference)
 
 
+def test_transformers_internals_are_present_and_a_missing_one_is_named(monkeypatch) -> None:
+    check_internals()  # the installed transformers has everything hf_internals relies on
+    from transformers.cache_utils import DynamicLayer
+
+    monkeypatch.delattr(DynamicLayer, "batch_select_indices")
+    with pytest.raises(TransformersInternalsError, match=r"DynamicLayer.batch_select_indices is gone.*pyproject"):
+        check_internals()
+
+
 # ---- EngineActor on a real local Ray cluster ----
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+def test_engine_actor_matches_local_engine(ray_session, make_tiny) -> None:
+    import ray
 
+    from actors.engine import EngineActorClient, EnginePool
+    from haps_ray.config import ExperimentConfig
 
-def test_engine_actor_matches_local_engine(ray_cluster, make_tiny) -> None:
-    from actors.engine import create_engine_actors
-
-    ray = ray_cluster
     candidate = CandidateConfig(name="tiny", model="tiny-mistral", dtype="float32", device="cpu", num_cpus=0.5, replicas=2)
-    actors = create_engine_actors(candidate, lora_layers=1)
-    local, _ = make_engine(make_tiny, "mistral")
-    adapters = mixed_adapters(local)
-    health = ray.get([a.health.remote() for a in actors])
-    assert all(h["ok"] and h["name"] == "tiny" for h in health) and len({h["pid"] for h in health}) == 2
-    assert ray.get(actors[1].info.remote())["checksum"] == local.checksum
-    remote = ray.get(actors[0].generate.remote(CHATS, adapters, max_new_tokens=5, temperature=1.0, seed=3))
-    mine = local.generate(CHATS, adapters, max_new_tokens=5, temperature=1.0, seed=3)
-    assert [g.token_ids for g in remote] == [g.token_ids for g in mine]
-    assert [g.text for g in remote] == [g.text for g in mine]
-    completions = [g.token_ids for g in mine]
-    assert ray.get(actors[1].score.remote(CHATS, completions, adapters)) == local.score(CHATS, completions, adapters)
-    full = [a if a is not None else random_adapter(local.model, 1, 8, 1.0, seed=50) for a in adapters]
-    remote_grads = ray.get(actors[1].adapter_grads.remote(CHATS, completions, full, [1.0, -0.5, 2.0]))
-    for (ra, rb), (la, lb) in zip(remote_grads, local.adapter_grads(CHATS, completions, full, [1.0, -0.5, 2.0])):
-        assert torch.allclose(ra, la, atol=1e-6) and torch.allclose(rb, lb, atol=1e-6)
-    assert ray.get(actors[0].health.remote())["calls"] == 1
+    pool = EnginePool(ExperimentConfig(candidates=[candidate]))
+    try:
+        actors = pool.handles["tiny"]
+        local, _ = make_engine(make_tiny, "mistral")
+        adapters = mixed_adapters(local)
+        health = ray.get([a.health.remote() for a in actors])
+        assert all(h["ok"] and h["name"] == "tiny" for h in health) and len({h["pid"] for h in health}) == 2
+        assert pool.wait_ready() == [local.checksum]
+        first, second = EngineActorClient(actors[0]), EngineActorClient(actors[1])
+        remote = first.generate(CHATS, adapters, max_new_tokens=5, temperature=1.0, seed=3).result()
+        mine = local.generate(CHATS, adapters, max_new_tokens=5, temperature=1.0, seed=3)
+        assert [g.token_ids for g in remote] == [g.token_ids for g in mine]
+        assert [g.text for g in remote] == [g.text for g in mine]
+        completions = [g.token_ids for g in mine]
+        assert second.score(CHATS, completions, adapters).result() == local.score(CHATS, completions, adapters)
+        full = [a if a is not None else random_adapter(local.model, 1, 8, 1.0, seed=50) for a in adapters]
+        remote_grads = second.adapter_grads(CHATS, completions, full, [1.0, -0.5, 2.0]).result()
+        for (ra, rb), (la, lb) in zip(remote_grads, local.adapter_grads(CHATS, completions, full, [1.0, -0.5, 2.0])):
+            assert torch.allclose(ra, la, atol=1e-6) and torch.allclose(rb, lb, atol=1e-6)
+        assert ray.get(actors[0].health.remote())["calls"] == 1
+    finally:
+        pool.shutdown()

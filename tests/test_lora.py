@@ -12,37 +12,8 @@ import copy
 import pytest
 import torch
 
-from haps_ray.lora import Adapter, adapter_shapes, attach_lora, decoder_layers, lora_layers, use_adapters
-
-ARCHS = ["llama", "qwen2", "mistral"]
-
-
-def random_adapter(model: torch.nn.Module, k: int, rank: int, alpha: float, seed: int) -> Adapter:
-    """Factors for the last k o_proj layers, large enough to change the model's outputs visibly."""
-    g = torch.Generator().manual_seed(seed)
-    shapes = []
-    for layer in decoder_layers(model)[-k:]:
-        o_proj = getattr(layer.self_attn.o_proj, "base_layer", layer.self_attn.o_proj)
-        shapes.append((o_proj.in_features, o_proj.out_features))
-    d_in, d_out = shapes[0]
-    A = torch.randn(k, rank, d_in, generator=g) / d_in**0.5
-    B = torch.randn(k, d_out, rank, generator=g)
-    return Adapter(A, B, alpha)
-
-
-def merged_model(model: torch.nn.Module, adapter: Adapter | None) -> torch.nn.Module:
-    """Independent reference: a copy of the model whose last k o_proj weights are W + alpha · B[l] @ A[l]."""
-    ref = copy.deepcopy(model)
-    for layer in lora_layers(ref):  # unwrap, in case the source model was wrapped already
-        for module in ref.modules():
-            if getattr(module, "o_proj", None) is layer:
-                module.o_proj = layer.base_layer
-    if adapter is not None:
-        with torch.no_grad():
-            for l, layer in enumerate(decoder_layers(ref)[-adapter.num_layers :]):
-                layer.self_attn.o_proj.weight += adapter.alpha * adapter.B[l] @ adapter.A[l]
-    return ref
-
+from haps_ray.lora import Adapter, adapter_shapes, attach_lora, use_adapters
+from tests.helpers import ARCHS, merged_model, random_adapter
 
 def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)

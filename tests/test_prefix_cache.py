@@ -1,11 +1,11 @@
-"""PrefixCache (haps_ray.prefix_cache): longest block-aligned prefix lookup, LRU eviction by bytes."""
+"""PrefixCache (haps_ray.engine.prefix_cache): longest block-aligned prefix lookup, LRU eviction by bytes."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from haps_ray.prefix_cache import PrefixCache, common_prefix_length
+from haps_ray.engine.prefix_cache import PrefixCache, common_prefix_length
 
 
 def kv_of(tokens: list[int], layers: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -93,23 +93,20 @@ def test_bad_arguments(tiny_encoder_dir, problems):
 
 
 @pytest.mark.slow
-def test_retriever_actor_matches_local(minilm, problems):
-    ray = pytest.importorskip("ray")
-    from actors.retriever import RetrieverActor
+def test_retriever_actor_matches_local(ray_session, minilm, problems):
+    import ray
 
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    from actors.retriever import RetrieverActor, RetrieverActorClient
+
+    actor = RetrieverActor.remote(RetrieverConfig(device="cpu"))
     try:
-        actor = RetrieverActor.remote(RetrieverConfig(device="cpu"))
         batch = [problems["hp-0001"], problems["hp-0003"]]
         queries = ["Dravik river", "who founded the opera"]
-        remote = ray.get(actor.retrieve.remote(batch, queries))
+        remote = RetrieverActorClient(actor).retrieve(batch, queries).result()
         local = minilm.retrieve(batch, queries)
         assert [[(p.title, p.index) for p in hits] for hits in remote] == [[(p.title, p.index) for p in hits] for hits in local]
         assert remote[0][0].score == pytest.approx(local[0][0].score, abs=1e-5)
         health = ray.get(actor.health.remote())
         assert health["ok"] and health["calls"] == 1 and health["cached_problems"] == 2
     finally:
-        if started:
-            ray.shutdown()
+        ray.kill(actor)

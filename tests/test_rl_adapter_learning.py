@@ -20,13 +20,13 @@ import pytest
 import ray
 import torch
 
-from actors.engine import EngineActor
+from actors.engine import EngineActor, EngineActorClient
 from haps_ray.config import CandidateConfig, DecodingConfig, ExperimentConfig, RLConfig, RouterConfig, TaskConfig
 from haps_ray.episodes import EpisodeRunner
 from haps_ray.rl.cost import PriceTable
 from haps_ray.rl.learner import JointLearner
 from haps_ray.rl.rollout import adapter_gradients, run_plans
-from haps_ray.rl.trainer import rl_step
+from haps_ray.rl.trainer import EVAL, TRAIN, rl_step
 from haps_ray.routing.policy import HAPSPolicy
 from haps_ray.tasks import Episode, Problem
 from haps_ray.tasks.parsing import Parsed
@@ -93,15 +93,24 @@ def fit_letter_model(make_tiny, path) -> str:
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+class LetterRollouts:
+    """`haps_ray.rl.trainer.Rollouts` running `LetterEpisode`s: sampled for training, greedy for evaluation."""
+
+    def __init__(self, cfg: ExperimentConfig, engines: dict) -> None:
+        prices = PriceTable.from_candidates(cfg.candidates)
+        self.cfg, self.engines = cfg, engines
+        self.runners = {TRAIN: EpisodeRunner(engines, cfg.train_decoding, prices, cfg.reward),
+                        EVAL: EpisodeRunner(engines, DecodingConfig(max_new_tokens=1, temperature=0.0), prices, cfg.reward)}
+
+    def run(self, problems, plans, seed, phase):
+        return run_plans(self.runners[phase], self.cfg.task, ["letters"], problems, plans, seed, episode_factory=letter_episode)
+
+    def gradients(self, results, plans, weights):
+        return adapter_gradients(results, plans, weights, self.engines)
 
 
 @pytest.mark.slow
-def test_adapters_learn_through_engine_actors(make_tiny, tmp_path, ray_local):
+def test_adapters_learn_through_engine_actors(make_tiny, tmp_path, ray_session):
     candidate = CandidateConfig(name="letters", model=fit_letter_model(make_tiny, tmp_path / "letters"),
                                 dtype="float32", device="cpu", num_cpus=0.5)
     cfg = ExperimentConfig(
@@ -113,33 +122,27 @@ def test_adapters_learn_through_engine_actors(make_tiny, tmp_path, ray_local):
     )
     cfg.train_decoding.max_new_tokens = 1
     actor = EngineActor.options(num_cpus=0.5).remote(candidate, cfg.router.lora_layers)
-    engines = {"letters": actor}
-    torch.manual_seed(0)
-    shapes = {"letters": ray.get(actor.info.remote())["adapter_shapes"]}
-    learner = JointLearner(HAPSPolicy.from_config(cfg, adapter_shapes=shapes), cfg.rl, total_steps=STEPS)
-    prices = PriceTable.from_candidates(cfg.candidates)
-    sampling = EpisodeRunner(engines, cfg.train_decoding, prices, cfg.reward)
-    greedy = EpisodeRunner(engines, DecodingConfig(max_new_tokens=1, temperature=0.0), prices, cfg.reward)
+    try:
+        torch.manual_seed(0)
+        shapes = {"letters": ray.get(actor.info.remote())["adapter_shapes"]}
+        learner = JointLearner(HAPSPolicy.from_config(cfg, adapter_shapes=shapes), cfg.rl, total_steps=STEPS)
+        rollouts = LetterRollouts(cfg, {"letters": EngineActorClient(actor)})
 
-    def rollout(problems, plans, seed):
-        return run_plans(sampling, cfg.task, ["letters"], problems, plans, seed, episode_factory=letter_episode)
+        def held_out_reward(problems) -> float:
+            plans = learner.propose(problems, mode="greedy")
+            results = rollouts.run(problems, plans, 0, EVAL)
+            return sum(r.reward for r in results) / len(results)
 
-    def gradients(results, plans, weights):
-        return adapter_gradients(results, plans, weights, engines)
-
-    def held_out_reward(problems) -> float:
-        plans = learner.propose(problems, mode="greedy")
-        results = run_plans(greedy, cfg.task, ["letters"], problems, plans, 0, episode_factory=letter_episode)
-        return sum(r.reward for r in results) / len(results)
-
-    train, held_out = make_problems(64, 1), make_problems(32, 2)
-    before = held_out_reward(held_out)
-    assert before <= 0.4, f"the base model already answers {before:.2f} of held-out problems"
-    head_grads = []
-    for step in range(STEPS):
-        start = (step * cfg.rl.batch_size) % len(train)
-        metrics, _ = rl_step(learner, train[start:start + cfg.rl.batch_size], cfg.rl, rollout, gradients, seed=step)
-        head_grads.append(metrics["grad_norm/heads"])
-    after = held_out_reward(held_out)
-    assert sum(g > 0 for g in head_grads) >= STEPS // 2, "the actors returned no adapter gradients"
-    assert after >= 0.8, f"held-out reward {after:.2f} (before {before:.2f})"
+        train, held_out = make_problems(64, 1), make_problems(32, 2)
+        before = held_out_reward(held_out)
+        assert before <= 0.4, f"the base model already answers {before:.2f} of held-out problems"
+        head_grads = []
+        for step in range(STEPS):
+            start = (step * cfg.rl.batch_size) % len(train)
+            metrics, _ = rl_step(learner, train[start:start + cfg.rl.batch_size], cfg.rl, rollouts, seed=step)
+            head_grads.append(metrics["grad_norm/heads"])
+        after = held_out_reward(held_out)
+        assert sum(g > 0 for g in head_grads) >= STEPS // 2, "the actors returned no adapter gradients"
+        assert after >= 0.8, f"held-out reward {after:.2f} (before {before:.2f})"
+    finally:
+        ray.kill(actor)

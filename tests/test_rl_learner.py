@@ -2,24 +2,19 @@
 follow the advantage sign, and a checkpoint restores a learner that makes exactly the update the
 uninterrupted one makes."""
 
-from pathlib import Path
-
 import pytest
 import torch
 
-from haps_ray.checkpoint import latest_checkpoint, load_learner, save_learner, write_state
+from haps_ray.checkpoint import Checkpoints, save_checkpoint
 from haps_ray.config import CandidateConfig, ExperimentConfig, RLConfig, RouterConfig, TaskConfig
-from haps_ray.engine import LLMEngine
-from haps_ray.episodes import EpisodeRunner
-from haps_ray.rl.cost import PriceTable
+from haps_ray.engine import LLMEngine, LocalEngineClient
 from haps_ray.rl.learner import JointLearner
 from haps_ray.rl.losses import generator_weights
-from haps_ray.rl.rollout import adapter_gradients, run_plans
-from haps_ray.rl.trainer import rl_step
+from haps_ray.rl.trainer import LocalRollouts, rl_step
 from haps_ray.routing.policy import HAPSPolicy
 from haps_ray.tasks import load_problems
-
-FIXTURES = Path(__file__).parent / "fixtures"
+from haps_ray.training import TrainerState
+from tests.helpers import FIXTURES
 
 
 class CountingEngine:
@@ -31,6 +26,9 @@ class CountingEngine:
 
     def generate(self, *args, **kwargs):
         return self.engine.generate(*args, **kwargs)
+
+    def score(self, *args, **kwargs):
+        return self.engine.score(*args, **kwargs)
 
     def adapter_grads(self, *args, **kwargs):
         self.grad_calls += 1
@@ -57,17 +55,9 @@ def make_setup(make_tiny, seed: int = 0):
     torch.manual_seed(seed)
     policy = HAPSPolicy.from_config(cfg, adapter_shapes=shapes)
     learner = JointLearner(policy, cfg.rl, total_steps=10)
-    runner = EpisodeRunner(engines, cfg.train_decoding, PriceTable.from_candidates(cfg.candidates), cfg.reward)
-    names = [c.name for c in cfg.candidates]
-
-    def rollout(problems, plans, s):
-        return run_plans(runner, cfg.task, names, problems, plans, s)
-
-    def gradients(results, plans, weights):
-        return adapter_gradients(results, plans, weights, engines)
-
+    rollouts = LocalRollouts(cfg, {name: LocalEngineClient(engine) for name, engine in engines.items()})
     problems, _ = load_problems("mmlu", str(FIXTURES / "mmlu_small.jsonl"))
-    return cfg, engines, learner, rollout, gradients, problems
+    return cfg, engines, learner, rollouts, problems
 
 
 def params(learner) -> list[torch.Tensor]:
@@ -75,17 +65,17 @@ def params(learner) -> list[torch.Tensor]:
 
 
 def test_closed_candidate_is_routed_to_but_never_adapted(make_tiny):
-    cfg, engines, learner, rollout, gradients, problems = make_setup(make_tiny)
+    cfg, engines, learner, rollouts, problems = make_setup(make_tiny)
     assert learner.policy.hypernet.names == ["open"]
     batch = problems[:8]
     plans = learner.propose([p for p in batch for _ in range(2)], mode="sample", seed=3)
     closed_index = 1
     assert any(closed_index in p.assignment for p in plans), "the closed candidate must be routable"
     assert all("closed" not in p.adapters for p in plans)
-    results = rollout([p for p in batch for _ in range(2)], plans, 0)
-    closed_calls = [c for r in results for c in r.calls if c["engine"] == "closed"]
-    assert closed_calls and not any(c["adapter"] for c in closed_calls)
-    grads = gradients(results, plans, [1.0] * len(results))
+    results = rollouts.run([p for p in batch for _ in range(2)], plans, 0, "train")
+    closed_calls = [c for r in results for c in r.calls if c.engine == "closed"]
+    assert closed_calls and not any(c.adapter for c in closed_calls)
+    grads = rollouts.gradients(results, plans, [1.0] * len(results))
     assert all("closed" not in g for g in grads)
     assert engines["closed"].grad_calls == 0 and engines["open"].grad_calls == 1
     opened = [g["open"] for g in grads if "open" in g]
@@ -93,9 +83,9 @@ def test_closed_candidate_is_routed_to_but_never_adapted(make_tiny):
 
 
 def test_update_moves_router_and_heads(make_tiny):
-    cfg, _, learner, rollout, gradients, problems = make_setup(make_tiny)
+    cfg, _, learner, rollouts, problems = make_setup(make_tiny)
     before = params(learner)
-    metrics, results = rl_step(learner, problems[:4], cfg.rl, rollout, gradients, seed=0)
+    metrics, results = rl_step(learner, problems[:4], cfg.rl, rollouts, seed=0)
     assert len(results) == 8 and learner.step == 1
     assert metrics["grad_norm/router"] > 0 and metrics["grad_norm/heads"] > 0
     heads = [p for p in learner.policy.hypernet.parameters()]
@@ -104,18 +94,18 @@ def test_update_moves_router_and_heads(make_tiny):
 
 
 def test_resume_from_checkpoint_reproduces_next_update(make_tiny, tmp_path):
-    cfg, _, learner, rollout, gradients, problems = make_setup(make_tiny)
-    rl_step(learner, problems[:4], cfg.rl, rollout, gradients, seed=0)
-    save_learner(learner, tmp_path / "step_1")
-    write_state(tmp_path / "step_1", {"step": 1})
-    uninterrupted, _ = rl_step(learner, problems[4:8], cfg.rl, rollout, gradients, seed=1)
+    cfg, _, learner, rollouts, problems = make_setup(make_tiny)
+    rl_step(learner, problems[:4], cfg.rl, rollouts, seed=0)
+    ckpts = Checkpoints(tmp_path)
+    save_checkpoint(ckpts.step(1), lambda path: learner.save(str(path)), cfg, {}, TrainerState(step=1))
+    uninterrupted, _ = rl_step(learner, problems[4:8], cfg.rl, rollouts, seed=1)
     expected = params(learner)
 
-    cfg2, _, fresh, rollout2, gradients2, _ = make_setup(make_tiny, seed=0)
-    assert latest_checkpoint(tmp_path) == tmp_path / "step_1"
-    load_learner(fresh, tmp_path / "step_1")
+    cfg2, _, fresh, rollouts2, _ = make_setup(make_tiny, seed=0)
+    assert ckpts.latest() == tmp_path / "checkpoints" / "step_1"
+    fresh.restore(str(ckpts.latest()))
     assert fresh.step == 1
-    resumed, _ = rl_step(fresh, problems[4:8], cfg2.rl, rollout2, gradients2, seed=1)
+    resumed, _ = rl_step(fresh, problems[4:8], cfg2.rl, rollouts2, seed=1)
     assert resumed["train/reward"] == pytest.approx(uninterrupted["train/reward"])
     for a, b in zip(expected, params(fresh)):
         assert torch.allclose(a, b, atol=1e-6, rtol=0)
@@ -124,19 +114,19 @@ def test_resume_from_checkpoint_reproduces_next_update(make_tiny, tmp_path):
 def test_generator_updates_follow_the_advantage_sign(make_tiny):
     """Positive advantage raises the log-likelihood of a rollout's own completion under its new adapter,
     negative lowers it: the engines' vector-Jacobian products and the learner's chain rule agree in sign."""
-    cfg, engines, learner, rollout, gradients, problems = make_setup(make_tiny)
+    cfg, engines, learner, rollouts, problems = make_setup(make_tiny)
     batch = problems[:4]
     open_only = [(0, 0)] * len(batch)  # both roles on the open engine, so every call carries an adapter
     plans = learner.plans_for(batch, open_only)
-    results = rollout(batch, plans, 1)
+    results = rollouts.run(batch, plans, 1, "train")
     advantages = [1.0, -1.0, 1.0, -1.0]
     weights = generator_weights(advantages)
 
     def completion_log_probs(current):
         out = []
         for result, plan in zip(results, current):
-            calls = [c for c in result.calls if c["adapter"]]
-            scores = engines["open"].engine.score([c["messages"] for c in calls], [c["token_ids"] for c in calls],
+            calls = [c for c in result.calls if c.adapter]
+            scores = engines["open"].engine.score([c.messages for c in calls], [c.token_ids for c in calls],
                                                   [plan.adapters["open"]] * len(calls))
             out.append(sum(sum(s) for s in scores))
         return out
@@ -144,7 +134,7 @@ def test_generator_updates_follow_the_advantage_sign(make_tiny):
     before = completion_log_probs(plans)
     current = plans
     for _ in range(3):
-        learner.update(batch, open_only, advantages, gradients(results, current, weights))
+        learner.update(batch, open_only, advantages, rollouts.gradients(results, current, weights))
         current = learner.plans_for(batch, open_only)
     after = completion_log_probs(current)
     for a, b, adv in zip(after, before, advantages):

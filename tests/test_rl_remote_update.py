@@ -4,29 +4,20 @@ Frozen weights stay inside the actors; only the r×d adapter gradients travel ba
 seeds are identical in both runs, so every policy parameter must agree after the step.
 """
 
+from dataclasses import asdict
+
 import pytest
 import ray
 import torch
 
-from actors.engine import EngineActor
+from actors.engine import EngineActor, EngineActorClient
 from haps_ray.config import CandidateConfig, ExperimentConfig, RLConfig, RouterConfig, TaskConfig
-from haps_ray.engine import LLMEngine
-from haps_ray.episodes import EpisodeRunner
-from haps_ray.rl.cost import PriceTable
+from haps_ray.engine import LLMEngine, LocalEngineClient
 from haps_ray.rl.learner import JointLearner
-from haps_ray.rl.rollout import adapter_gradients, run_plans
-from haps_ray.rl.trainer import rl_step
+from haps_ray.rl.trainer import LocalRollouts, rl_step
 from haps_ray.routing.policy import HAPSPolicy
 from haps_ray.tasks import load_problems
-
-from tests.test_rl_learner import FIXTURES
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+from tests.helpers import FIXTURES
 
 
 def saved_tiny(make_tiny, path, arch):
@@ -49,26 +40,17 @@ def learner_and_step(candidates, engines):
     shapes = {"llama": LLMEngine.from_config(candidates[0]).info()["adapter_shapes"]}
     torch.manual_seed(0)
     learner = JointLearner(HAPSPolicy.from_config(cfg, adapter_shapes=shapes), cfg.rl, total_steps=4)
-    runner = EpisodeRunner(engines, cfg.train_decoding, PriceTable.from_candidates(cfg.candidates), cfg.reward)
-    names = [c.name for c in candidates]
-
-    def rollout(problems, plans, seed):
-        return run_plans(runner, cfg.task, names, problems, plans, seed)
-
-    def gradients(results, plans, weights):
-        return adapter_gradients(results, plans, weights, engines)
-
     problems, _ = load_problems("mmlu", str(FIXTURES / "mmlu_small.jsonl"))
-    metrics, results = rl_step(learner, problems[:4], cfg.rl, rollout, gradients, seed=5)
+    metrics, results = rl_step(learner, problems[:4], cfg.rl, LocalRollouts(cfg, engines), seed=5)
     return learner, metrics, results
 
 
 def without_logprobs(calls):
-    return [{key: value for key, value in call.items() if key != "logprobs"} for call in calls]
+    return [{key: value for key, value in asdict(call).items() if key != "logprobs"} for call in calls]
 
 
 @pytest.mark.slow
-def test_update_through_engine_actors_equals_in_process(make_tiny, tmp_path, ray_local):
+def test_update_through_engine_actors_equals_in_process(make_tiny, tmp_path, ray_session):
     candidates = [
         CandidateConfig(name="llama", model=saved_tiny(make_tiny, tmp_path / "llama", "llama"), dtype="float32",
                         device="cpu", num_cpus=0.5),
@@ -76,16 +58,21 @@ def test_update_through_engine_actors_equals_in_process(make_tiny, tmp_path, ray
                         device="cpu", num_cpus=0.5, open_source=False),
     ]
     actors = {c.name: EngineActor.options(num_cpus=0.5).remote(c, 1) for c in candidates}
-    local = {c.name: LLMEngine.from_config(c) for c in candidates}
+    local = {c.name: LocalEngineClient(LLMEngine.from_config(c)) for c in candidates}
 
-    remote_learner, remote_metrics, remote_results = learner_and_step(candidates, actors)
+    try:
+        remote_learner, remote_metrics, remote_results = learner_and_step(
+            candidates, {name: EngineActorClient(handle) for name, handle in actors.items()})
+    finally:
+        for handle in actors.values():
+            ray.kill(handle)
     local_learner, local_metrics, local_results = learner_and_step(candidates, local)
 
     # Token choices and texts must match exactly; log-probs only to float tolerance, since an actor's
     # thread pool may sum in a different order than the driver's.
     assert [without_logprobs(r.calls) for r in remote_results] == [without_logprobs(r.calls) for r in local_results]
-    remote_logprobs = [lp for r in remote_results for call in r.calls for lp in call["logprobs"]]
-    local_logprobs = [lp for r in local_results for call in r.calls for lp in call["logprobs"]]
+    remote_logprobs = [lp for r in remote_results for call in r.calls for lp in call.logprobs]
+    local_logprobs = [lp for r in local_results for call in r.calls for lp in call.logprobs]
     assert remote_logprobs == pytest.approx(local_logprobs, abs=1e-5)
     assert remote_metrics["grad_norm/heads"] > 0
     assert remote_metrics["grad_norm/heads"] == pytest.approx(local_metrics["grad_norm/heads"], rel=1e-5)

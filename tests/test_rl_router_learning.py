@@ -10,12 +10,9 @@ import random
 import pytest
 
 from haps_ray.config import CandidateConfig, ExperimentConfig, RLConfig, RouterConfig, TaskConfig
-from haps_ray.engine import Generation
-from haps_ray.episodes import EpisodeRunner
-from haps_ray.rl.cost import PriceTable
+from haps_ray.engine import Generation, LocalEngineClient
 from haps_ray.rl.learner import JointLearner
-from haps_ray.rl.rollout import adapter_gradients, run_plans
-from haps_ray.rl.trainer import rl_step
+from haps_ray.rl.trainer import EVAL, LocalRollouts, rl_step
 from haps_ray.routing.policy import HAPSPolicy
 from haps_ray.tasks import Problem
 
@@ -44,6 +41,11 @@ class ScriptedEngine:
         return out
 
 
+def scripted_clients(problems: list[Problem]) -> dict[str, LocalEngineClient]:
+    return {"astro": LocalEngineClient(ScriptedEngine("astronomy", problems)),
+            "chef": LocalEngineClient(ScriptedEngine("cooking", problems))}
+
+
 def make_problems(n: int, seed: int) -> list[Problem]:
     rng = random.Random(seed)
     problems = []
@@ -69,22 +71,13 @@ def test_rl_router_reaches_oracle_on_held_out_problems():
         router=RouterConfig(backbone="tiny-llama", max_prompt_tokens=256),
         rl=RLConfig(router_lr=3e-3, generator_lr=0.0, batch_size=8, group_size=4, epochs=5, baseline="leave_one_out"),
     )
-    cfg.validate()
     policy = HAPSPolicy.from_config(cfg)
     learner = JointLearner(policy, cfg.rl, total_steps=cfg.rl.epochs * len(train) // cfg.rl.batch_size)
-    engines = {"astro": ScriptedEngine("astronomy", train + held_out), "chef": ScriptedEngine("cooking", train + held_out)}
-    runner = EpisodeRunner(engines, cfg.eval_decoding, PriceTable.from_candidates(cfg.candidates), cfg.reward)
-    names = [c.name for c in cfg.candidates]
-
-    def rollout(problems, plans, seed):
-        return run_plans(runner, cfg.task, names, problems, plans, seed)
-
-    def gradients(results, plans, weights):
-        return adapter_gradients(results, plans, weights, engines)
+    rollouts = LocalRollouts(cfg, scripted_clients(train + held_out))
 
     def held_out_reward() -> float:
         plans = learner.propose(held_out, mode="greedy")
-        return sum(r.reward for r in rollout(held_out, plans, 0)) / len(held_out)
+        return sum(r.reward for r in rollouts.run(held_out, plans, 0, EVAL)) / len(held_out)
 
     before = held_out_reward()
     rng = random.Random(0)
@@ -93,7 +86,7 @@ def test_rl_router_reaches_oracle_on_held_out_problems():
         order = list(train)
         rng.shuffle(order)
         for start in range(0, len(order), cfg.rl.batch_size):
-            metrics, _ = rl_step(learner, order[start:start + cfg.rl.batch_size], cfg.rl, rollout, gradients, seed=step)
+            metrics, _ = rl_step(learner, order[start:start + cfg.rl.batch_size], cfg.rl, rollouts, seed=step)
             step += 1
     after = held_out_reward()
     oracle = 1.0

@@ -29,10 +29,10 @@ def sft(router: HighLevelRouter, problems, z, max_steps: int = 150) -> None:
     router.model.requires_grad_(True)
     opt = torch.optim.Adam(router.model.parameters(), lr=5e-3)
     answers = [router.spec.canonical_json(z)] * len(problems)
-    owner = torch.arange(len(problems))
-    targets = [router.target_ids(a) for a in answers]
+    targets = [[router.target_ids(a)] for a in answers]
     for _ in range(max_steps):
-        token_lp, mask = router.token_log_probs(router.forward_prompt(router.encode(problems)), owner, targets)
+        scores = router.score_targets(router.encode(problems), targets)
+        token_lp, mask = scores.token_log_probs[:, 0], scores.mask[:, 0]
         if bool((token_lp[mask] > torch.log(torch.tensor(0.5))).all()):
             break
         loss = -(torch.where(mask, token_lp, 0.0).sum(-1) / mask.sum(-1)).mean()
@@ -129,9 +129,8 @@ def test_exact_policy_sums_to_one_and_equals_generated_sequence_probability(fitt
 
     batch = router.encode(QUESTIONS)
     with torch.no_grad():
-        state = router.forward_prompt(batch)
-        log_pi = router.assignment_log_probs(state)  # (2, 9)
-        raw = router.score(state, torch.arange(2).repeat_interleave(9), [router.target_ids(SPEC.canonical_json(z)) for z in SPEC.assignments()] * 2).view(2, 9)
+        log_pi = router.assignment_log_probs(batch)  # (2, 9)
+        raw = router.score(batch, [[router.target_ids(SPEC.canonical_json(z)) for z in SPEC.assignments()]] * 2)  # (2, 9)
     assert torch.allclose(log_pi.exp().sum(-1), torch.ones(2), atol=1e-6)
     assert torch.allclose(log_pi, raw - raw.logsumexp(-1, keepdim=True), atol=1e-6)
 
@@ -167,8 +166,7 @@ def test_every_assignment_scores_like_hf_generate_forced_to_it():
     batch = router.encode(QUESTIONS)
     prompt_len = batch.input_ids.shape[1]
     with torch.no_grad():
-        state = router.forward_prompt(batch)
-        log_pi = router.assignment_log_probs(state)
+        log_pi = router.assignment_log_probs(batch)
         for z in SPEC.assignments():
             target = router.target_ids(SPEC.canonical_json(z))
             out = router.model.generate(
@@ -180,7 +178,7 @@ def test_every_assignment_scores_like_hf_generate_forced_to_it():
             assert out.sequences[:, prompt_len:].tolist() == [target, target]
             steps = torch.stack(out.logits, dim=1).double().log_softmax(-1)  # raw logits, before the forcing
             reference = steps.gather(-1, out.sequences[:, prompt_len:].unsqueeze(-1)).squeeze(-1).sum(-1)  # (2,)
-            raw = router.score(state, torch.arange(2), [target, target])
+            raw = router.score(batch, [[target], [target]])[:, 0]
             torch.testing.assert_close(raw.double(), reference, atol=2e-5, rtol=0)
     assert not torch.allclose(log_pi[0], log_pi[1])
 

@@ -158,7 +158,7 @@ def test_without_sharing_heads_read_a_separate_frozen_copy(candidates):
     frozen_before = {k: v.detach().clone() for k, v in frozen_params.items()}
     router_before = {k: v.detach().clone() for k, v in router_params.items()}
     batch = policy.router.encode(QUESTIONS)
-    features_before = policy.features(batch, policy.router.forward_prompt(batch)).detach()
+    features_before = policy.features(batch, policy.router.pooled(batch)).detach()
 
     groups = policy.parameter_groups()
     opt = torch.optim.Adam([{"params": groups["router"], "lr": 1e-3}, {"params": groups["heads"], "lr": 1e-3}])
@@ -169,7 +169,7 @@ def test_without_sharing_heads_read_a_separate_frozen_copy(candidates):
         opt.step()
     assert any(not torch.equal(router_before[k], p) for k, p in router_params.items())  # the router did train
     assert all(torch.equal(frozen_before[k], p) for k, p in frozen_params.items())
-    features_after = policy.features(batch, policy.router.forward_prompt(batch))
+    features_after = policy.features(batch, policy.router.pooled(batch))
     assert torch.equal(features_before, features_after)
 
 

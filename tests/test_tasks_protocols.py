@@ -78,7 +78,7 @@ def test_budget_then_forced_finish_without_review(hotpot):
     ep.advance("Thought: it is the Vesna\nAction: Finish[the Vesna River]")
     assert ep.done and ep.final_answer == "the Vesna River"
     assert [c.role for c in ep.calls] == ["student", "teacher"] * 3 + ["student"]
-    assert ep.searches == 3 and [r["query"] for r in ep.retrieved] == ["Arlen Clock Tower", "Dravik", "Lake Morrow"]
+    assert ep.searches == 3 and [r.query for r in ep.retrieved] == ["Arlen Clock Tower", "Dravik", "Lake Morrow"]
 
 
 def test_finish_is_reviewed_and_rethink_sends_student_back(hotpot):

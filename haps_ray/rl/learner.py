@@ -2,19 +2,21 @@
 
 One synchronous RL step:
 
-    plans = learner.propose(problems, mode="sample", seed=step_seed)     # z + detached adapters per rollout
+    plans = learner.propose(problems, mode="sample", seed=step_seed, for_update=True)   # z + adapters per rollout
     ... rollouts run the plans on the engines, rewards come back ...
     adv = compute_advantages(rewards, group_ids, cfg.baseline, cfg.normalize_advantage)
     grads = engines' ∂(w_i Σ_t log p)/∂(A, B) with w = generator_weights(adv)
     metrics = learner.update(problems, [p.assignment for p in plans], adv, grads)
 
-`update` re-runs the policy on the same problems and assignments (parameters have not moved since
-`propose`, so log π(z|x) and the adapters are the ones the rollouts used) to rebuild the graph, rather
-than holding it across the remote round trip; then it backpropagates the router's −A·log π(z|x) and the
-engines' adapter gradients in one pass, clips, and steps AdamW (fp32 master weights; the router backbone
-and the heads are separate parameter groups with their own learning rates, both linearly decayed to
-`final_lr_ratio` over the run). The policy stays in eval mode throughout: log π(z|x) at update time must
-equal the one the rollouts were sampled from, so nothing stochastic (dropout) may run.
+The policy runs once per step: `propose(..., for_update=True)` keeps the graph of log π(z|x) and of the adapters
+it wrote (one router pass scores every z and feeds the heads), and `update` backpropagates through that graph
+(parameters have not moved since, so it is the graph the rollouts were sampled from). An `update` for other
+problems or assignments than the ones proposed (e.g. after a resume) rebuilds the graph with `policy.evaluate`.
+The update backpropagates the router's −A·log π(z|x) and the engines' adapter gradients in one pass, clips, and
+steps AdamW (fp32 master weights; the router backbone and the heads are separate parameter groups with their own
+learning rates, both decayed linearly to `final_lr_ratio` over the run by `torch.optim.lr_scheduler.LinearLR`).
+The policy stays in eval mode throughout: log π(z|x) at update time must equal the one the rollouts were sampled
+from, so nothing stochastic (dropout) may run.
 """
 
 from __future__ import annotations
@@ -26,9 +28,12 @@ from typing import Any
 
 import torch
 
+from haps_ray.checkpoint import read_optimizer_state, write_policy
 from haps_ray.config import RLConfig
 from haps_ray.lora import Adapter
 from haps_ray.rl.losses import backward_joint, router_pg_loss
+from haps_ray.routing.policy import HAPSPolicy
+from haps_ray.routing.prompt import problem_id
 
 AdapterGrads = Mapping[str, tuple[torch.Tensor, torch.Tensor]]  # candidate name -> (dA, dB)
 
@@ -46,17 +51,20 @@ class Plan:
     entropy: float = float("nan")  # of π(·|x) over Z (NaN when Z is too large to enumerate)
 
 
-def to_plan(action: Any, entropy: float = float("nan")) -> Plan:
+def to_plan(action: Any) -> Plan:
     """A policy `Action` as a shippable plan: floats and detached CPU adapters."""
     adapters = {name: ad.detach().to("cpu") for name, ad in action.adapters.items()}
-    return Plan(action.problem_id, tuple(action.assignment), dict(action.z), float(action.log_prob), adapters,
-                action.fallback, entropy)
+    return Plan(action.problem_id, tuple(action.assignment), dict(action.z), float(action.log_prob.detach()), adapters,
+                action.fallback, action.entropy)
 
 
-def linear_decay(total_steps: int, final_ratio: float):
-    """LR multiplier: 1 at step 0, `final_ratio` at `total_steps` and after."""
-    total = max(total_steps, 1)
-    return lambda step: 1.0 - (1.0 - final_ratio) * min(step / total, 1.0)
+@dataclass
+class _Proposed:
+    """The actions (with graph) of the last `propose(..., for_update=True)`, kept for `update`."""
+
+    problem_ids: list[str]
+    assignments: list[tuple[int, ...]]
+    actions: list[Any]
 
 
 class JointLearner:
@@ -71,18 +79,21 @@ class JointLearner:
             {"params": groups["heads"], "lr": cfg.generator_lr, "name": "heads"},
         ]
         self.optimizer = torch.optim.AdamW([g for g in param_groups if g["params"]], weight_decay=0.0)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, linear_decay(total_steps, cfg.final_lr_ratio))
+        self.scheduler = torch.optim.lr_scheduler.LinearLR(
+            self.optimizer, start_factor=1.0, end_factor=cfg.final_lr_ratio, total_iters=max(total_steps, 1))
         self.step = 0
+        self._proposed: _Proposed | None = None
 
-    def propose(self, problems: Sequence[Any], mode: str = "sample", seed: int | None = None) -> list[Plan]:
-        """One plan per problem (repeat a problem G times in `problems` for G rollouts of it)."""
-        with torch.no_grad():
+    def propose(
+        self, problems: Sequence[Any], mode: str = "sample", seed: int | None = None, for_update: bool = False
+    ) -> list[Plan]:
+        """One plan per problem (repeat a problem G times in `problems` for G rollouts of it). With `for_update`
+        the graph is kept for the `update` of these rollouts."""
+        with torch.set_grad_enabled(for_update):
             actions = self.policy.act(problems, mode=mode, seed=seed)
-            entropies = [float("nan")] * len(actions)
-            if self.policy.router.exact:
-                table = self.policy.router.log_probs(problems)
-                entropies = (-(table.exp() * table).sum(-1)).tolist()
-        return [to_plan(a, h) for a, h in zip(actions, entropies)]
+        self._proposed = _Proposed([a.problem_id for a in actions], [tuple(a.assignment) for a in actions],
+                                   actions) if for_update else None
+        return [to_plan(a) for a in actions]
 
     def plans_for(self, problems: Sequence[Any], assignments: Sequence[Sequence[int]]) -> list[Plan]:
         """Plans for given assignments (fixed or random routing ablations): the heads still write the adapters."""
@@ -104,7 +115,7 @@ class JointLearner:
                 f"{len(adapter_grads)} gradient sets must match"
             )
         self.optimizer.zero_grad(set_to_none=True)
-        actions = self.policy.evaluate(problems, assignments)
+        actions = self._actions_for(problems, assignments)
         log_probs = torch.stack([a.log_prob for a in actions])
         router_loss = router_pg_loss(log_probs, adv.to(log_probs.device)) if self.cfg.reinforce_router else None
         factors, grads = [], []
@@ -134,6 +145,14 @@ class JointLearner:
             metrics[f"lr/{group['name']}"] = group["lr"]
         return metrics
 
+    def _actions_for(self, problems: Sequence[Any], assignments: Sequence[Sequence[int]]) -> list[Any]:
+        """The proposed actions (graph kept) when they are for these problems and assignments, else a new pass."""
+        proposed, self._proposed = self._proposed, None
+        ids = [problem_id(p, i) for i, p in enumerate(problems)]
+        if proposed is not None and proposed.problem_ids == ids and proposed.assignments == [tuple(z) for z in assignments]:
+            return proposed.actions
+        return self.policy.evaluate(problems, assignments)
+
     def _grad_norms(self) -> dict[str, float]:
         out = {}
         for group in self.optimizer.param_groups:
@@ -149,3 +168,14 @@ class JointLearner:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
+
+    def save(self, path: str) -> None:
+        """Policy weights and optimiser state into checkpoint directory `path` (`haps_ray.checkpoint` layout)."""
+        write_policy(self.policy, path, self.state_dict())
+
+    def restore(self, path: str) -> None:
+        """Weights and optimiser state of a checkpoint written by `save`, into this learner (same shapes)."""
+        saved = HAPSPolicy.load(path, device=str(self.policy.router.device))
+        self.policy.load_state_dict(saved.state_dict(), strict=True)
+        self.load_state_dict(read_optimizer_state(path))
+        self._proposed = None

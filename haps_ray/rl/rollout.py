@@ -5,8 +5,8 @@
 
 `adapter_gradients` sends each engine one batched `adapter_grads` call holding every call that engine
 served with an adapter, weighted by its episode's w_i, and sums the per-call gradients per (episode,
-engine): ∂/∂(A,B) of w_i Σ_calls Σ_t log p(y_t). With Ray actor handles all engines' calls are in flight
-at once. Frozen weights stay where they are; only r×d gradients travel.
+engine): ∂/∂(A,B) of w_i Σ_calls Σ_t log p(y_t). Every engine's call is submitted before any is awaited, so
+engines in other processes compute at once. Frozen weights stay where they are; only r×d gradients travel.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ from typing import Any
 import torch
 
 from haps_ray.config import TaskConfig
-from haps_ray.episodes import EpisodeResult, EpisodeRunner, collect, is_actor, submit
+from haps_ray.engine.client import EngineClient
+from haps_ray.episodes import EpisodeResult, EpisodeRunner
 from haps_ray.rl.learner import Plan
-from haps_ray.tasks import make_episode
+from haps_ray.tasks import CallRecord, make_episode
 
 
 def run_plans(
@@ -50,7 +51,7 @@ def adapter_gradients(
     results: Sequence[EpisodeResult],
     plans: Sequence[Plan],
     weights: Sequence[float],
-    engines: Mapping[str, Any],
+    engines: Mapping[str, EngineClient],
 ) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """Per rollout, candidate name -> (dA, dB) of w_i Σ log p over every call that candidate made with its adapter.
 
@@ -58,27 +59,23 @@ def adapter_gradients(
     """
     if not len(results) == len(plans) == len(weights):
         raise ValueError(f"{len(results)} results, {len(plans)} plans, {len(weights)} weights must match")
-    work: dict[str, list[tuple[int, dict]]] = {}
+    work: dict[str, list[tuple[int, CallRecord]]] = {}
     for i, (result, plan) in enumerate(zip(results, plans)):
         if result.error is not None or weights[i] == 0.0:
             continue
         for call in result.calls:
-            name = call["engine"]
-            if call["adapter"] and name in plan.adapters and call["token_ids"]:
-                work.setdefault(name, []).append((i, call))
-    pending: dict[str, Any] = {}
-    for name in sorted(work, key=lambda n: not is_actor(engines[n])):
-        items = work[name]
-        args = (
-            [call["messages"] for _, call in items],
-            [call["token_ids"] for _, call in items],
-            [plans[i].adapters[name] for i, _ in items],
-            [float(weights[i]) for i, _ in items],
+            if call.adapter and call.engine in plan.adapters and call.token_ids:
+                work.setdefault(call.engine, []).append((i, call))
+    pending = {
+        name: engines[name].adapter_grads(
+            [call.messages for _, call in items], [call.token_ids for _, call in items],
+            [plans[i].adapters[name] for i, _ in items], [float(weights[i]) for i, _ in items],
         )
-        pending[name] = submit(engines[name], "adapter_grads", *args)
+        for name, items in work.items()
+    }
     out: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in results]
     for name, handle in pending.items():
-        for (i, _), (dA, dB) in zip(work[name], collect(handle)):
+        for (i, _), (dA, dB) in zip(work[name], handle.result()):
             if name in out[i]:
                 sA, sB = out[i][name]
                 out[i][name] = (sA + dA, sB + dB)

@@ -1,33 +1,95 @@
-"""One synchronous joint-RL step, written once for in-process runs and for Ray actors alike.
+"""Joint RL training: one synchronous step (`rl_step`) and the loop around it (`RLTrainer`).
 
-    metrics, results = rl_step(learner, batch, cfg.rl, rollout, gradients, seed)
+    trainer = RLTrainer(cfg, learner, rollouts, total_steps=planned_steps(len(train), cfg.rl.batch_size, ...))
+    summary = trainer.fit(train, valid, out_dir, log=metrics.log, callback=report_to_tune)
 
-`learner` has `propose` / `update` (a `JointLearner`, or a proxy that forwards to the Learner actor);
-`rollout(problems, plans, seed)` runs the plans as episodes (locally, or sharded over RolloutWorkers);
-`gradients(results, plans, weights)` asks the engines for adapter gradients. The step:
+`learner` has `propose` / `update` / `save` / `restore` (a `JointLearner` in this process, or the client of a
+Learner actor); `rollouts` runs plans as episodes and asks the engines for adapter gradients (`LocalRollouts` here,
+sharded over RolloutWorker actors in `actors/rollout.py`). One step:
 
 1. repeat each problem G times and let the router sample z (and the heads write adapters) for each;
 2. run every rollout, score it (perf, cost, shaped reward);
 3. advantages = reward − baseline over the rollouts that finished (failed ones get 0 and no gradient);
 4. engines return ∂(w_i Σ_t log p)/∂(A, B) with w_i = −A_i/N; the learner adds −A·log π(z|x) and steps.
+
+The loop: epochs over the train split in `haps_ray.training.epoch_order`; every `rl.eval_every` updates (and at the
+start and the end) the greedy policy is evaluated on valid with greedy decoding, a checkpoint is written, the best
+is kept as `best/` and the callback is called; `rl.patience` evaluations without improvement stop the run.
+Checkpoints are also written every `rl.checkpoint_every` updates; only the newest `keep_checkpoints` step
+checkpoints stay. A rerun resumes from the newest checkpoint (policy, optimiser, schedule, data position).
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import shutil
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
 
-from haps_ray.config import RLConfig
-from haps_ray.episodes import EpisodeResult
+from haps_ray.checkpoint import Checkpoints, read_metrics, read_state, save_checkpoint
+from haps_ray.config import ExperimentConfig, RLConfig
+from haps_ray.engine.client import EngineClient, RetrieverClient
+from haps_ray.episodes import EpisodeResult, EpisodeRunner
+from haps_ray.metrics import Progress
 from haps_ray.rl.advantages import compute_advantages
-from haps_ray.rl.learner import Plan
+from haps_ray.rl.cost import CostNormalizer, PriceTable
+from haps_ray.rl.learner import AdapterGrads, Plan
 from haps_ray.rl.losses import generator_weights
+from haps_ray.rl.rollout import adapter_gradients, run_plans
+from haps_ray.training import EvaluationCallback, TrainerState, epoch_progress, next_batch
 
-Rollout = Callable[[Sequence[Any], Sequence[Plan], int], list[EpisodeResult]]
-Gradients = Callable[[Sequence[EpisodeResult], Sequence[Plan], Sequence[float]], list[dict]]
+logger = logging.getLogger(__name__)
+
+TRAIN, EVAL = "train", "eval"
+
+
+class Learner(Protocol):
+    """The policy side of RL (`haps_ray.rl.learner.JointLearner`, or a Learner actor's client)."""
+
+    def propose(self, problems: Sequence[Any], mode: str = "sample", seed: int | None = None,
+                for_update: bool = False) -> list[Plan]: ...
+
+    def plans_for(self, problems: Sequence[Any], assignments: Sequence[Sequence[int]]) -> list[Plan]: ...
+
+    def update(self, problems: Sequence[Any], assignments: Sequence[Sequence[int]], advantages: Sequence[float],
+               adapter_grads: Sequence[AdapterGrads]) -> dict[str, float]: ...
+
+    def save(self, path: str) -> None: ...
+
+    def restore(self, path: str) -> None: ...
+
+
+class Rollouts(Protocol):
+    """Runs plans as episodes (`phase`: train or eval decoding) and collects their adapter gradients."""
+
+    def run(self, problems: Sequence[Any], plans: Sequence[Plan], seed: int, phase: str) -> list[EpisodeResult]: ...
+
+    def gradients(self, results: Sequence[EpisodeResult], plans: Sequence[Plan],
+                  weights: Sequence[float]) -> list[dict]: ...
+
+
+class LocalRollouts:
+    """`Rollouts` in this process: one runner per decoding phase over the given engine clients."""
+
+    def __init__(self, cfg: ExperimentConfig, engines: Mapping[str, EngineClient],
+                 normalizer: CostNormalizer | None = None, retriever: RetrieverClient | None = None, seed: int = 0) -> None:
+        prices = PriceTable.from_candidates(cfg.candidates)
+        self.cfg, self.engines = cfg, dict(engines)
+        self.names = [c.name for c in cfg.candidates]
+        self.runners = {
+            phase: EpisodeRunner(engines, decoding, prices, cfg.reward, normalizer=normalizer, retriever=retriever, seed=seed)
+            for phase, decoding in ((TRAIN, cfg.train_decoding), (EVAL, cfg.eval_decoding))
+        }
+
+    def run(self, problems: Sequence[Any], plans: Sequence[Plan], seed: int, phase: str) -> list[EpisodeResult]:
+        return run_plans(self.runners[phase], self.cfg.task, self.names, problems, plans, seed=seed)
+
+    def gradients(self, results: Sequence[EpisodeResult], plans: Sequence[Plan], weights: Sequence[float]) -> list[dict]:
+        return adapter_gradients(results, plans, weights, self.engines)
 
 
 def rollout_metrics(results: Sequence[EpisodeResult], plans: Sequence[Plan], prefix: str) -> dict[str, float]:
@@ -40,7 +102,7 @@ def rollout_metrics(results: Sequence[EpisodeResult], plans: Sequence[Plan], pre
         f"{prefix}/cost_usd": sum(r.cost for r in ok) / n,
         f"{prefix}/failed": float(len(results) - len(ok)),
         f"{prefix}/malformed_calls": float(sum(r.n_malformed for r in ok)),
-        f"{prefix}/tokens_out": float(sum(sum(v["out"] for v in r.tokens["by_engine"].values()) for r in ok)),
+        f"{prefix}/tokens_out": float(sum(r.tokens.total_out for r in ok)),
     }
     entropies = [p.entropy for p in plans if not math.isnan(p.entropy)]
     if entropies:
@@ -51,16 +113,15 @@ def rollout_metrics(results: Sequence[EpisodeResult], plans: Sequence[Plan], pre
     return metrics
 
 
-def rl_step(
-    learner: Any, batch: Sequence[Any], cfg: RLConfig, rollout: Rollout, gradients: Gradients, seed: int
-) -> tuple[dict[str, float], list[EpisodeResult]]:
+def rl_step(learner: Learner, batch: Sequence[Any], cfg: RLConfig, rollouts: Rollouts,
+            seed: int) -> tuple[dict[str, float], list[EpisodeResult]]:
     """Sample, roll out, score, and apply one update; returns the metrics and the scored rollouts."""
     problems = [p for p in batch for _ in range(cfg.group_size)]
     group_ids = [i for i in range(len(batch)) for _ in range(cfg.group_size)]
     clock = time.perf_counter()
-    plans = learner.propose(problems, mode="sample", seed=seed)
+    plans = learner.propose(problems, mode="sample", seed=seed, for_update=True)
     times = {"propose": time.perf_counter() - clock}
-    results = rollout(problems, plans, seed)
+    results = rollouts.run(problems, plans, seed, TRAIN)
     times["rollout"] = time.perf_counter() - clock - sum(times.values())
     usable = [i for i, r in enumerate(results) if r.error is None and r.reward is not None]
     if cfg.baseline == "leave_one_out":  # a group left with one finished rollout has no baseline: no signal
@@ -74,7 +135,7 @@ def rl_step(
         for i, a in zip(usable, adv.tolist()):
             advantages[i] = a
     weights = generator_weights(advantages)
-    grads = gradients(results, plans, weights)
+    grads = rollouts.gradients(results, plans, weights)
     times["adapter_grads"] = time.perf_counter() - clock - sum(times.values())
     metrics = learner.update(problems, [p.assignment for p in plans], advantages, grads)
     times["update"] = time.perf_counter() - clock - sum(times.values())
@@ -84,3 +145,95 @@ def rl_step(
     metrics.update({"time/step_s": step_s, "train/episodes_per_s": len(results) / step_s,
                     "train/tokens_per_s": metrics["train/tokens_out"] / step_s})
     return metrics, results
+
+
+class RLTrainer:
+    """The RL loop over a learner and its rollouts; see the module docstring."""
+
+    def __init__(self, cfg: ExperimentConfig, learner: Learner, rollouts: Rollouts, total_steps: int,
+                 keep_checkpoints: int = 2) -> None:
+        self.cfg, self.learner, self.rollouts = cfg, learner, rollouts
+        self.total_steps = total_steps
+        self.keep_checkpoints = keep_checkpoints
+        self.state = TrainerState()
+
+    def evaluate(self, problems: Sequence[Any], prefix: str, seed: int = 0) -> tuple[dict[str, float], list[EpisodeResult]]:
+        """Greedy router + evaluation decoding on a split: metrics (under `prefix/`) and results."""
+        plans = self.learner.propose(problems, mode="greedy")
+        results = self.rollouts.run(problems, plans, seed, EVAL)
+        return rollout_metrics(results, plans, prefix), results
+
+    def fit(self, train: Sequence[Any], valid: Sequence[Any], out_dir: str | Path,
+            log: Callable[[dict[str, Any], int], None], callback: EvaluationCallback | None = None) -> dict[str, Any]:
+        """Train to the end (or resume an interrupted run under `out_dir`); returns the summary."""
+        ckpts = Checkpoints(out_dir)
+        latest = ckpts.latest()
+        if latest is not None:
+            self.learner.restore(str(latest))
+            self.state = read_state(latest)
+            logger.info("resumed from %s (step %d, epoch %d, position %d)", latest, self.state.step,
+                        self.state.epoch, self.state.position)
+        if self.state.finished:
+            return self._summary(ckpts)
+        if latest is None:
+            self._evaluate_and_save(valid, ckpts, log, callback)  # the start (e.g. the SFT router) competes for best
+        state, rl = self.state, self.cfg.rl
+        progress = Progress("rl", self.total_steps, done=state.step, every_s=5.0, unit=" updates")
+        evaluated_at = state.step
+        while not state.stopped and state.step < self.total_steps:
+            indices = next_batch(state, len(train), rl.batch_size, self.cfg.seed, rl.epochs)
+            if indices is None:
+                break
+            metrics, _ = rl_step(self.learner, [train[i] for i in indices], rl, self.rollouts,
+                                 seed=self.cfg.seed * 100_003 + state.step)
+            state.step += 1
+            log({**metrics, "epoch": epoch_progress(state, len(train))}, state.step)
+            progress.update(1, f"reward {metrics['train/reward']:.3f}")
+            if state.step % rl.eval_every == 0:
+                self._evaluate_and_save(valid, ckpts, log, callback)
+                evaluated_at = state.step
+            elif state.step % rl.checkpoint_every == 0:
+                self._save(ckpts.step(state.step), {"step": state.step}, ckpts)
+        if evaluated_at != state.step and not state.stopped:
+            self._evaluate_and_save(valid, ckpts, log, callback)
+        state.finished = True
+        self._save(ckpts.last, {"step": state.step}, ckpts)
+        return self._summary(ckpts)
+
+    def test(self, problems: Sequence[Any], out_dir: str | Path) -> dict[str, float]:
+        """Restore the best checkpoint and evaluate it on `problems` (metrics under `test/`)."""
+        self.learner.restore(str(Checkpoints(out_dir).best))
+        metrics, _ = self.evaluate(problems, "test")
+        return metrics
+
+    def _evaluate_and_save(self, valid: Sequence[Any], ckpts: Checkpoints, log: Callable[[dict[str, Any], int], None],
+                           callback: EvaluationCallback | None) -> None:
+        state = self.state
+        metrics, _ = self.evaluate(valid, "valid")
+        improved = state.record_evaluation(metrics["valid/reward"], self.cfg.rl.patience)
+        metrics["valid/best_reward"] = state.best_score
+        path = self._save(ckpts.step(state.step), metrics, ckpts)
+        if improved:
+            self._save(ckpts.best, metrics, ckpts)
+        log(metrics, state.step)
+        logger.info("eval at step %d: valid reward %.4f (best %.4f at step %s)", state.step, metrics["valid/reward"],
+                    state.best_score, state.best_step)
+        if state.stopped:
+            logger.info("early stop: %d evaluations without improvement", state.bad_evals)
+        if callback is not None:
+            callback(state, metrics, path)
+
+    def _save(self, path: Path, metrics: dict[str, Any], ckpts: Checkpoints) -> Path:
+        saved = save_checkpoint(path, lambda tmp: self.learner.save(str(tmp)), self.cfg, metrics, self.state)
+        steps = sorted((p for p in (ckpts.root / "checkpoints").glob("step_*") if p.is_dir() and p.name[5:].isdigit()),
+                       key=lambda p: int(p.name[5:]))
+        for old in steps[:-self.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        return saved
+
+    def _summary(self, ckpts: Checkpoints) -> dict[str, Any]:
+        state = self.state
+        best = read_metrics(ckpts.best) if ckpts.best.is_dir() else {}
+        return {"steps": state.step, "best_valid_reward": state.best_score, "best_step": state.best_step,
+                "stopped_early": state.stopped, "best_policy": str(ckpts.best), "last_policy": str(ckpts.last),
+                "best": best}

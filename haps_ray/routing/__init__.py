@@ -1,7 +1,7 @@
 """Routing: the routing prompt, the high-level router (z and exact log π(z|x)), hypernetwork LoRA heads, and
 the joint policy that RL, evaluation and serving call (`HAPSPolicy.act`)."""
 
-from haps_ray.routing.high_level import Decision, GeneratedAssignment, HighLevelRouter, PromptBatch, PromptState
+from haps_ray.routing.high_level import Decision, GeneratedAssignment, HighLevelRouter, PromptBatch, Routed, TargetScores
 from haps_ray.routing.hypernet import HyperNetwork, LoRAHead, shapes_from_hf_config
 from haps_ray.routing.policy import Action, HAPSPolicy
 from haps_ray.routing.prompt import RoutingSpec, parse_assignment, problem_text, routing_messages
@@ -15,8 +15,9 @@ __all__ = [
     "HyperNetwork",
     "LoRAHead",
     "PromptBatch",
-    "PromptState",
+    "Routed",
     "RoutingSpec",
+    "TargetScores",
     "parse_assignment",
     "problem_text",
     "routing_messages",

@@ -4,14 +4,17 @@ The router answers the routing prompt with a JSON assignment z (see `prompt.py`)
 
     π(z|x) = p(s_z|x) / Σ_{z'∈Z} p(s_z'|x),   s_z = canonical JSON of z + the token closing the turn,
 
-computed exactly when |Z| = M^K <= `max_exact_assignments`: the prompt runs once, its KV cache is
-gathered for every (problem, z) row and all |Z| targets are teacher-forced in one batched pass, so the
-prompt is never recomputed. Above that size z is sampled by generation (tolerant parsing; an unreadable
-output is logged, counted and replaced by a uniformly random z) and log π(z|x) is the sequence
-log-probability of the canonical string of the sampled z.
+computed exactly when |Z| = M^K <= `max_exact_assignments`. All |Z| answers of a prompt are scored in ONE forward
+pass: each row is [prompt | s_z1 | s_z2 | ...] under a 4-D attention mask in which every answer block sees the
+prompt and itself only, with positions that restart after the prompt (`score_targets`); the prompt is neither
+recomputed nor copied per answer. Above that size z is sampled by generation (tolerant parsing; an unreadable
+output is logged, counted and replaced by a uniformly random z) and log π(z|x) is the sequence log-probability of
+the canonical string of the sampled z, scored the same way.
 
-The same prompt pass (`forward_prompt`) feeds the hypernetwork: `PromptState.pooled()` is the mask-mean
-of the final hidden states. `target_log_probs` teacher-forces any JSON string (the SFT loss).
+The same pass gives the hypernetwork its features: `TargetScores.pooled` is the mask-mean of the final hidden
+states over the prompt (prompt positions never attend to the answers, so they equal a prompt-only pass).
+`target_log_probs` teacher-forces any JSON string (the SFT loss). Token log-probs come from
+`haps_ray.engine.logprobs.head_log_probs`: the LM head runs only where an answer token is predicted.
 
 Supports decoder-only HF models whose logits are `lm_head(final hidden state)` (Llama, Qwen2, Mistral).
 """
@@ -28,6 +31,10 @@ import torch
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from haps_ray.engine.chat import ChatEncoder
+from haps_ray.engine.hf_internals import custom_attention_mask
+from haps_ray.engine.logprobs import head_log_probs, selective_log_softmax
+from haps_ray.pooling import mean_pool
 from haps_ray.routing.prompt import RoutingSpec, parse_assignment, problem_id, problem_text, routing_messages
 
 logger = logging.getLogger(__name__)
@@ -40,29 +47,24 @@ class PromptBatch:
     input_ids: torch.Tensor  # (B, T)
     attention_mask: torch.Tensor  # (B, T)
     ids: list[str]  # problem ids, for log lines
+    rows: list[list[int]]  # the unpadded prompt tokens
+
+    def __len__(self) -> int:
+        return len(self.rows)
 
 
 @dataclass
-class PromptState:
-    """One forward pass over a batch of prompts, shared by the scorer, the decoder and the hypernetwork."""
+class TargetScores:
+    """Teacher-forced answer blocks of one packed forward: per-token log-probs and the prompt features."""
 
-    hidden: torch.Tensor  # (B, T, d) final hidden states (after the final norm)
-    attention_mask: torch.Tensor  # (B, T)
-    lengths: torch.Tensor  # (B,) real prompt tokens = position id of the first answer token
-    next_logits: torch.Tensor  # (B, V) logits of the first answer token
-    past: list[tuple[torch.Tensor, torch.Tensor]]  # per layer keys, values: (B, heads, T, head_dim)
+    token_log_probs: torch.Tensor  # (B, J, L) float32, 0 at padding
+    mask: torch.Tensor  # (B, J, L) bool: real answer tokens
+    pooled: torch.Tensor  # (B, d) float32 mask-mean of the prompt's final hidden states
 
-    def pooled(self) -> torch.Tensor:
-        """Mask-mean of the final hidden states over real prompt tokens: (B, d), fp32."""
-        return mean_pool(self.hidden, self.attention_mask)
-
-
-def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Mean of hidden (B, T, d) over positions where attention_mask (B, T) is 1: (B, d), fp32."""
-    mask = attention_mask.bool().unsqueeze(-1)
-    # where(), not a product: padded positions must not leak even a NaN into the mean.
-    summed = torch.where(mask, hidden.float(), 0.0).sum(dim=1)
-    return summed / mask.sum(dim=1).float()
+    @property
+    def sums(self) -> torch.Tensor:
+        """Summed log-prob of every block: (B, J)."""
+        return self.token_log_probs.sum(-1)
 
 
 @dataclass
@@ -73,6 +75,21 @@ class Decision:
     log_prob: torch.Tensor  # scalar log π(z|x), differentiable
     fallback: bool = False  # generation path: output unreadable, z drawn uniformly instead
     text: str | None = None  # generation path: what the router wrote
+
+
+@dataclass
+class Routed:
+    """A batch's decisions with the pass that produced them (its features feed the heads)."""
+
+    decisions: list[Decision]
+    pooled: torch.Tensor  # (B, d)
+    table: torch.Tensor | None  # (B, |Z|) exact log π, None on the generation path
+
+    def entropies(self) -> list[float]:
+        """Entropy of π(·|x) per problem (NaN when Z was not enumerated)."""
+        if self.table is None:
+            return [float("nan")] * len(self.decisions)
+        return (-(self.table.exp() * self.table).sum(-1)).tolist()
 
 
 @dataclass
@@ -101,58 +118,23 @@ class HighLevelRouter(nn.Module):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if getattr(tokenizer, "chat_template", None) is None:
-            raise ValueError("router tokenizer has no chat template; the routing prompt needs one")
         self.model = model
         self.tokenizer = tokenizer
+        self.encoder = ChatEncoder(tokenizer, getattr(model, "generation_config", None), name="router")
         self.spec = spec
         self.max_prompt_tokens = max_prompt_tokens
         self.max_new_tokens = max_new_tokens
         self.exact = spec.num_assignments <= max_exact_assignments
         self.compute_dtype = compute_dtype
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = self.encoder.pad_id
         self.rng = torch.Generator().manual_seed(seed)
         self.counters = {"generated": 0, "invalid": 0, "truncated_prompts": 0}
         self._target_cache: dict[str, list[int]] = {}
-        plain = tokenizer("a", add_special_tokens=True)["input_ids"]
-        bos = tokenizer.bos_token_id
-        self._bos = bos if bos is not None and plain and plain[0] == bos else None
-        self.end_id = self._turn_end_id()
-        self.stop_ids = {self.end_id, *self._eos_ids()}
+        # the token the chat template writes right after an assistant answer ends the router's turn
+        self.end_id = self.encoder.turn_end_id(routing_messages(spec, "probe"), spec.canonical_json([0] * spec.num_roles))
+        self.stop_ids = {self.end_id, *self.encoder.eos_ids}
 
     # ------------------------------------------------------------------ tokens
-
-    def _eos_ids(self) -> list[int]:
-        eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
-        eos = self.tokenizer.eos_token_id if eos is None else eos
-        return [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-
-    def _template(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-
-    def _render(self, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
-        # Exactly one BOS, as the engines do: the template's, or one prepended when the tokenizer normally
-        # adds BOS but the template does not write it.
-        ids = list(self.tokenizer(self._template(messages, generation_prompt), add_special_tokens=False)["input_ids"])
-        if self._bos is not None and (not ids or ids[0] != self._bos):
-            ids.insert(0, self._bos)
-        return ids
-
-    def _turn_end_id(self) -> int:
-        """The token the chat template writes right after an assistant answer (it ends the router's turn)."""
-        answer = self.spec.canonical_json([0] * self.spec.num_roles)
-        messages = routing_messages(self.spec, "probe")
-        prompt = self._template(messages, generation_prompt=True)
-        full = self._template(messages + [{"role": "assistant", "content": answer}], generation_prompt=False)
-        if not full.startswith(prompt + answer):
-            raise ValueError("router chat template: a rendered answer does not follow its generation prompt verbatim")
-        after = self.tokenizer(full[len(prompt + answer) :], add_special_tokens=False)["input_ids"]
-        if after:
-            return after[0]
-        eos = self._eos_ids()
-        if not eos:
-            raise ValueError("router chat template closes no assistant turn and the tokenizer has no EOS token")
-        return eos[0]
 
     def target_ids(self, answer: str) -> list[int]:
         """Tokens the router must emit to give `answer`: the answer's own tokens + the turn-end token.
@@ -160,7 +142,7 @@ class HighLevelRouter(nn.Module):
         The answer is tokenised on its own (not across the prompt boundary), as generation emits it.
         """
         if answer not in self._target_cache:
-            self._target_cache[answer] = list(self.tokenizer(answer, add_special_tokens=False)["input_ids"]) + [self.end_id]
+            self._target_cache[answer] = self.encoder.tokens(answer) + [self.end_id]
         return self._target_cache[answer]
 
     def encode(self, problems: Sequence[Any]) -> PromptBatch:
@@ -169,22 +151,16 @@ class HighLevelRouter(nn.Module):
         for i, problem in enumerate(problems):
             pid = problem_id(problem, i)
             text = problem_text(problem)
-            row = self._render(routing_messages(self.spec, text), generation_prompt=True)
+            row = self.encoder.encode(routing_messages(self.spec, text), where=f"problem {pid}")
             if len(row) > self.max_prompt_tokens:
                 row = self._truncate(text, len(row), pid)
             rows.append(row)
             ids.append(pid)
-        width = max(len(r) for r in rows)
-        device = self.device
-        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            input_ids[i, width - len(row) :] = torch.tensor(row)
-            mask[i, width - len(row) :] = 1
-        return PromptBatch(input_ids.to(device), mask.to(device), ids)
+        input_ids, mask, _ = self.encoder.left_pad(rows, self.device)
+        return PromptBatch(input_ids, mask, ids, rows)
 
     def _truncate(self, text: str, length: int, pid: str) -> list[int]:
-        problem_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        problem_ids = self.encoder.tokens(text)
         for _ in range(4):
             keep = len(problem_ids) - (length - self.max_prompt_tokens) - 4
             if keep <= 0:
@@ -194,7 +170,7 @@ class HighLevelRouter(nn.Module):
                 )
             problem_ids = problem_ids[:keep]
             text = self.tokenizer.decode(problem_ids) + " [...]"
-            row = self._render(routing_messages(self.spec, text), generation_prompt=True)
+            row = self.encoder.encode(routing_messages(self.spec, text), where=f"problem {pid}")
             length = len(row)
             if length <= self.max_prompt_tokens:
                 self.counters["truncated_prompts"] += 1
@@ -214,97 +190,139 @@ class HighLevelRouter(nn.Module):
             return torch.autocast("cuda", dtype=self.compute_dtype)
         return contextlib.nullcontext()
 
-    def forward_prompt(self, batch: PromptBatch) -> PromptState:
-        """Run the prompts once; keep hidden states, first-token logits and the KV cache."""
-        mask = batch.attention_mask
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
+    def score_targets(self, batch: PromptBatch, targets: Sequence[Sequence[Sequence[int]]]) -> TargetScores:
+        """Teacher-force answer blocks `targets[b]` (token lists) after prompt b, all in one forward pass.
+
+        Row b is laid out as [left padding | prompt | block 1 | block 2 | ...], each block holding its answer's
+        tokens but the last (the first answer token is predicted from the prompt's last position). A block
+        attends to the prompt and causally to itself; its positions continue the prompt's.
+        """
+        if len(targets) != len(batch):
+            raise ValueError(f"{len(targets)} target rows for {len(batch)} prompts")
+        device = self.device
+        n_max = batch.input_ids.shape[1]
+        blocks = max(len(t) for t in targets)
+        width = max((len(tok) - 1 for row in targets for tok in row), default=0)
+        if blocks == 0 or any(len(tok) == 0 for row in targets for tok in row):
+            raise ValueError("every target row needs at least one non-empty answer")
+        total = n_max + blocks * width
+        ids = torch.full((len(batch), total), self.pad_id, dtype=torch.long)
+        ids[:, :n_max] = batch.input_ids.cpu()
+        valid = torch.zeros((len(batch), total), dtype=torch.bool)
+        valid[:, :n_max] = batch.attention_mask.cpu().bool()
+        block_of = torch.full((len(batch), total), -1, dtype=torch.long)  # -1: the prompt
+        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+        where_b, where_pos, where_out, target_tokens = [], [], [], []
+        for b, row in enumerate(targets):
+            n = len(batch.rows[b])
+            for j, tok in enumerate(row):
+                start = n_max + j * width
+                inputs = tok[:-1]
+                ids[b, start:start + len(inputs)] = torch.tensor(inputs, dtype=torch.long)
+                valid[b, start:start + len(inputs)] = True
+                block_of[b, start:start + width] = j
+                positions[b, start:start + width] = n + torch.arange(width)
+                for k, token in enumerate(tok):
+                    where_b.append(b)
+                    where_pos.append(n_max - 1 if k == 0 else start + k - 1)  # the position that predicts token k
+                    where_out.append((b * blocks + j) * (width + 1) + k)
+                    target_tokens.append(token)
+        causal = torch.ones(total, total, dtype=torch.bool).tril()
+        same_block = (block_of[:, None, :] == -1) | (block_of[:, None, :] == block_of[:, :, None])  # (B, q, k)
+        allowed = causal & same_block & valid[:, None, :]
+        allowed |= torch.eye(total, dtype=torch.bool)  # padding attends to itself: no all-masked (NaN) rows
         with self.autocast():
-            out = self.model.get_decoder()(
-                input_ids=batch.input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
-            )
-            hidden = out.last_hidden_state  # (B, T, d)
-            next_logits = self.model.get_output_embeddings()(hidden[:, -1]).float()  # (B, V)
-        past = [(layer.keys, layer.values) for layer in cache.layers]
-        return PromptState(hidden, mask, mask.sum(-1), next_logits, past)
+            mask = custom_attention_mask(allowed[:, None].to(device), self.model, self.model.dtype)
+            hidden = self.model.get_decoder()(
+                input_ids=ids.to(device), attention_mask=mask, position_ids=positions.to(device), use_cache=False,
+            ).last_hidden_state  # (B, total, d)
+            rows = torch.tensor(where_b, device=device)
+            picked = hidden[rows, torch.tensor(where_pos, device=device)]  # (N, d)
+            logp = head_log_probs(picked, self.model.get_output_embeddings(), torch.tensor(target_tokens, device=device))
+        flat = torch.zeros(len(batch) * blocks * (width + 1), device=device, dtype=torch.float32)
+        flat = flat.index_put((torch.tensor(where_out, device=device),), logp)
+        present = torch.zeros_like(flat, dtype=torch.bool).index_put((torch.tensor(where_out, device=device),),
+                                                                     torch.ones_like(logp, dtype=torch.bool))
+        shape = (len(batch), blocks, width + 1)
+        return TargetScores(flat.view(shape), present.view(shape), mean_pool(hidden[:, :n_max], batch.attention_mask))
 
-    def score(self, state: PromptState, owner: torch.Tensor, targets: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Summed log-probs (N,) of target token rows, row n continuing prompt `owner[n]`, in one batched pass."""
-        token_lp, mask = self.token_log_probs(state, owner, targets)
-        return torch.where(mask, token_lp, 0.0).sum(-1)
+    def score(self, batch: PromptBatch, targets: Sequence[Sequence[Sequence[int]]]) -> torch.Tensor:
+        """Summed log-probs (B, J) of answer blocks `targets[b]` after prompt b (see `score_targets`)."""
+        return self.score_targets(batch, targets).sums
 
-    def token_log_probs(
-        self, state: PromptState, owner: torch.Tensor, targets: Sequence[Sequence[int]]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token log-probs (N, W) of right-padded target rows and their mask (N, W), teacher-forced."""
-        n, width = len(targets), max(len(t) for t in targets)
-        device = state.next_logits.device
-        tgt = torch.full((n, width), self.pad_id, dtype=torch.long)
-        tmask = torch.zeros((n, width), dtype=torch.long)
-        for i, row in enumerate(targets):
-            tgt[i, : len(row)] = torch.tensor(row)
-            tmask[i, : len(row)] = 1
-        tgt, tmask = tgt.to(device), tmask.to(device)
-        first = state.next_logits[owner]  # (N, V)
-        logits = first.unsqueeze(1)
-        if width > 1:
-            # Gathering rows copies the prompt cache per target; the prompt itself is not recomputed.
-            cache = DynamicCache(ddp_cache_data=[(k[owner], v[owner]) for k, v in state.past])
-            mask = torch.cat([state.attention_mask[owner], tmask[:, :-1]], dim=1)
-            positions = state.lengths[owner].unsqueeze(1) + torch.arange(width - 1, device=device)
-            with self.autocast():
-                out = self.model.get_decoder()(
-                    input_ids=tgt[:, :-1], attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
-                )
-                rest = self.model.get_output_embeddings()(out.last_hidden_state).float()  # (N, W-1, V)
-            logits = torch.cat([logits, rest], dim=1)  # (N, W, V)
-        token_lp = logits.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)  # (N, W)
-        return token_lp, tmask.bool()
+    def _prompt_forward(self, batch: PromptBatch) -> tuple[torch.Tensor, DynamicCache]:
+        """Last-position logits (B, V) and the KV cache of the prompts (the start of decoding)."""
+        cache = DynamicCache()
+        mask = batch.attention_mask
+        with self.autocast():
+            hidden = self.model.get_decoder()(
+                input_ids=batch.input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                cache=cache, use_cache=True,
+            ).last_hidden_state
+            logits = self.model.get_output_embeddings()(hidden[:, -1]).float()
+        return logits, cache
+
+    def pooled(self, batch: PromptBatch) -> torch.Tensor:
+        """Mask-mean (B, d) of the prompts' final hidden states (the features of a prompt-only pass)."""
+        mask = batch.attention_mask
+        with self.autocast():
+            hidden = self.model.get_decoder()(
+                input_ids=batch.input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+            ).last_hidden_state
+        return mean_pool(hidden, mask)
 
     # ------------------------------------------------------------------ the policy
 
-    def assignment_log_probs(self, state: PromptState) -> torch.Tensor:
-        """Exact log π(z|x) for every z in `spec.assignments()`: (B, |Z|), each row log-sums to 0."""
+    def _all_targets(self, batch: PromptBatch) -> list[list[list[int]]]:
+        zs = [self.target_ids(self.spec.canonical_json(z)) for z in self.spec.assignments()]
+        return [zs] * len(batch)
+
+    def _check_exact(self) -> None:
         if not self.exact:
             raise ValueError(
                 f"|Z| = {self.spec.num_assignments} exceeds router.max_exact_assignments; "
                 "exact probabilities are not enumerated (sample by generation instead)"
             )
-        zs = self.spec.assignments()
-        batch = state.next_logits.shape[0]
-        targets = [self.target_ids(self.spec.canonical_json(z)) for z in zs] * batch
-        owner = torch.arange(batch, device=state.next_logits.device).repeat_interleave(len(zs))
-        raw = self.score(state, owner, targets).view(batch, len(zs))
-        return raw.log_softmax(dim=-1)
 
-    def log_prob_of(self, state: PromptState, zs: Sequence[Sequence[int]]) -> torch.Tensor:
-        """log π(z_b|x_b) for given assignments: (B,), differentiable."""
+    def assignment_scores(self, batch: PromptBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact log π(z|x) for every z in `spec.assignments()` (B, |Z|, each row log-sums to 0), and the pooled
+        prompt features (B, d), from one forward pass."""
+        self._check_exact()
+        scores = self.score_targets(batch, self._all_targets(batch))
+        return scores.sums.log_softmax(dim=-1), scores.pooled
+
+    def assignment_log_probs(self, batch: PromptBatch) -> torch.Tensor:
+        """Exact (B, |Z|) table of log π(z|x)."""
+        return self.assignment_scores(batch)[0]
+
+    def evaluate(self, batch: PromptBatch, zs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """log π(z_b|x_b) for given assignments (B,), differentiable, and the pooled features (B, d)."""
         if self.exact:
-            table = self.assignment_log_probs(state)
+            table, pooled = self.assignment_scores(batch)
             index = torch.tensor([self.spec.index(z) for z in zs], device=table.device)
-            return table.gather(1, index.unsqueeze(1)).squeeze(1)
-        targets = [self.target_ids(self.spec.canonical_json(z)) for z in zs]
-        return self.score(state, torch.arange(len(zs), device=state.next_logits.device), targets)
+            return table.gather(1, index.unsqueeze(1)).squeeze(1), pooled
+        scores = self.score_targets(batch, [[self.target_ids(self.spec.canonical_json(z))] for z in zs])
+        return scores.sums[:, 0], scores.pooled
 
-    def decide(
-        self, batch: PromptBatch, state: PromptState, mode: str = "sample", seed: int | None = None
-    ) -> list[Decision]:
-        """Pick z per problem: `sample` from π (seeded), or `greedy` (argmax of π; greedy decoding above the exact limit)."""
+    def route(self, batch: PromptBatch, mode: str = "sample", seed: int | None = None) -> Routed:
+        """Pick z per problem: `sample` from π (seeded), or `greedy` (argmax of π; greedy decoding above the exact
+        limit). One scoring pass, whose features come along for the heads."""
         if mode not in ("sample", "greedy"):
             raise ValueError(f"mode must be 'sample' or 'greedy', got {mode!r}")
         generator = self.rng if seed is None else torch.Generator().manual_seed(seed)
         if self.exact:
-            table = self.assignment_log_probs(state)
+            table, pooled = self.assignment_scores(batch)
             if mode == "greedy":
                 picks = table.argmax(dim=-1).tolist()
             else:
                 picks = torch.multinomial(table.detach().float().exp().cpu(), 1, generator=generator).squeeze(1).tolist()
             zs = self.spec.assignments()
-            return [Decision(zs[j], table[b, j]) for b, j in enumerate(picks)]
-        generations = self._decode(batch, state, greedy=mode == "greedy", generator=generator)
+            return Routed([Decision(zs[j], table[b, j]) for b, j in enumerate(picks)], pooled, table)
+        generations = self._decode(batch, greedy=mode == "greedy", generator=generator)
         zs = [g.z if g.z is not None else self._uniform_assignment(generator) for g in generations]
-        log_probs = self.log_prob_of(state, zs)
-        return [Decision(z, log_probs[b], g.z is None, g.text) for b, (z, g) in enumerate(zip(zs, generations))]
+        log_probs, pooled = self.evaluate(batch, zs)
+        decisions = [Decision(z, log_probs[b], g.z is None, g.text) for b, (z, g) in enumerate(zip(zs, generations))]
+        return Routed(decisions, pooled, None)
 
     def _uniform_assignment(self, generator: torch.Generator) -> tuple[int, ...]:
         """The fallback for an unreadable answer: every role's candidate drawn uniformly (seeded)."""
@@ -313,28 +331,25 @@ class HighLevelRouter(nn.Module):
 
     @torch.no_grad()
     def _decode(
-        self, batch: PromptBatch, state: PromptState, greedy: bool, generator: torch.Generator, max_new_tokens: int | None = None
+        self, batch: PromptBatch, greedy: bool, generator: torch.Generator, max_new_tokens: int | None = None
     ) -> list[GeneratedAssignment]:
-        """Decode answers from the shared prompt cache (temperature 1, no top-k/top-p: the policy itself)."""
+        """Decode answers from the prompts' cache (temperature 1, no top-k/top-p: the policy itself)."""
         steps = max_new_tokens or self.max_new_tokens
-        size = state.next_logits.shape[0]
-        device = state.next_logits.device
-        cache = DynamicCache(ddp_cache_data=[(k.detach(), v.detach()) for k, v in state.past])
-        mask, positions = state.attention_mask, state.lengths.clone()
-        logits = state.next_logits.detach()
+        logits, cache = self._prompt_forward(batch)
+        size = len(batch)
+        device = logits.device
+        mask = batch.attention_mask
+        positions = mask.sum(-1)
         stop = torch.tensor(sorted(self.stop_ids), device=device)
         tokens: list[list[int]] = [[] for _ in range(size)]
         logprobs: list[list[float]] = [[] for _ in range(size)]
         finished = torch.zeros(size, dtype=torch.bool, device=device)
         for _ in range(steps):
-            logits = logits.float()
-            # logits - logsumexp, not log_softmax: on CPU fp32 log_softmax over a 50k vocabulary is off by ~1e-4.
-            logp = logits - logits.logsumexp(-1, keepdim=True)  # (B, V)
             if greedy:
-                nxt = logp.argmax(-1)
+                nxt = logits.argmax(-1)
             else:
-                nxt = torch.multinomial(logp.exp().cpu(), 1, generator=generator).squeeze(1).to(device)
-            chosen = logp.gather(1, nxt.unsqueeze(1)).squeeze(1)
+                nxt = torch.multinomial(logits.float().softmax(-1).cpu(), 1, generator=generator).squeeze(1).to(device)
+            chosen = selective_log_softmax(logits, nxt)
             for b in (~finished).nonzero().flatten().tolist():
                 tokens[b].append(int(nxt[b]))
                 logprobs[b].append(float(chosen[b]))
@@ -345,9 +360,9 @@ class HighLevelRouter(nn.Module):
             with self.autocast():
                 out = self.model.get_decoder()(
                     input_ids=nxt.unsqueeze(1), attention_mask=mask, position_ids=positions.unsqueeze(1),
-                    past_key_values=cache, use_cache=True,
+                    cache=cache, use_cache=True,
                 )
-                logits = self.model.get_output_embeddings()(out.last_hidden_state[:, -1])
+                logits = self.model.get_output_embeddings()(out.last_hidden_state[:, -1]).float()
             positions = positions + 1
         results = []
         for b in range(size):
@@ -364,32 +379,27 @@ class HighLevelRouter(nn.Module):
     # ------------------------------------------------------------------ convenience entry points
 
     def sample(self, problems: Sequence[Any], seed: int | None = None) -> list[Decision]:
-        batch = self.encode(problems)
-        return self.decide(batch, self.forward_prompt(batch), "sample", seed)
+        return self.route(self.encode(problems), "sample", seed).decisions
 
     def greedy(self, problems: Sequence[Any]) -> list[Decision]:
-        batch = self.encode(problems)
-        return self.decide(batch, self.forward_prompt(batch), "greedy")
+        return self.route(self.encode(problems), "greedy").decisions
 
     def log_probs(self, problems: Sequence[Any]) -> torch.Tensor:
         """Exact (B, |Z|) table of log π(z|x)."""
-        return self.assignment_log_probs(self.forward_prompt(self.encode(problems)))
+        return self.assignment_log_probs(self.encode(problems))
 
     def log_prob(self, problems: Sequence[Any], zs: Sequence[Sequence[int]]) -> torch.Tensor:
         """(B,) log π(z_b|x_b) with gradients into the backbone."""
         if len(zs) != len(problems):
             raise ValueError(f"{len(problems)} problems but {len(zs)} assignments")
-        return self.log_prob_of(self.forward_prompt(self.encode(problems)), zs)
+        return self.evaluate(self.encode(problems), zs)[0]
 
     def generate(
         self, problems: Sequence[Any], greedy: bool = True, seed: int | None = None, max_new_tokens: int | None = None
     ) -> list[GeneratedAssignment]:
         """Free generation (inspection, serving, large |Z|): text, tokens, log-probs and the tolerant parse."""
-        batch = self.encode(problems)
         generator = self.rng if seed is None else torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            state = self.forward_prompt(batch)
-        return self._decode(batch, state, greedy, generator, max_new_tokens)
+        return self._decode(self.encode(problems), greedy, generator, max_new_tokens)
 
     def target_log_probs(self, problems: Sequence[Any], answers: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced (summed log-prob (B,), target token count (B,)) of given answers, e.g. canonical JSON.
@@ -398,8 +408,6 @@ class HighLevelRouter(nn.Module):
         """
         if len(answers) != len(problems):
             raise ValueError(f"{len(problems)} problems but {len(answers)} targets")
-        state = self.forward_prompt(self.encode(problems))
-        targets = [self.target_ids(a) for a in answers]
-        owner = torch.arange(len(targets), device=state.next_logits.device)
-        counts = torch.tensor([len(t) for t in targets], device=state.next_logits.device)
-        return self.score(state, owner, targets), counts
+        targets = [[self.target_ids(a)] for a in answers]
+        scores = self.score_targets(self.encode(problems), targets)
+        return scores.sums[:, 0], scores.mask[:, 0].sum(-1)

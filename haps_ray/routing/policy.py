@@ -32,7 +32,8 @@ from transformers import AutoConfig, PreTrainedModel
 from haps_ray.config import ExperimentConfig, RouterConfig, from_dict, to_dict
 from haps_ray.lora import Adapter
 from haps_ray.models import load_model
-from haps_ray.routing.high_level import HighLevelRouter, PromptBatch, PromptState, mean_pool
+from haps_ray.pooling import mean_pool
+from haps_ray.routing.high_level import HighLevelRouter, PromptBatch
 from haps_ray.routing.hypernet import HyperNetwork, shapes_from_hf_config
 from haps_ray.routing.prompt import RoutingSpec
 
@@ -51,6 +52,7 @@ class Action:
     adapters: dict[str, Adapter]  # candidate name -> adapter, only open candidates that z uses
     fallback: bool = False  # the router's generated answer was unreadable; z was drawn uniformly
     router_text: str | None = None  # generation path: the router's raw answer
+    entropy: float = float("nan")  # of π(·|x) over Z (NaN when Z is too large to enumerate)
 
 
 def compute_dtype(name: str, device: torch.device) -> torch.dtype | None:
@@ -139,10 +141,9 @@ class HAPSPolicy(nn.Module):
     def spec(self) -> RoutingSpec:
         return self.router.spec
 
-    def features(self, batch: PromptBatch, state: PromptState) -> torch.Tensor:
-        """Pooled prompt features (B, d) for the heads: the shared pass, or the frozen copy's own pass."""
+    def features(self, batch: PromptBatch, pooled: torch.Tensor) -> torch.Tensor:
+        """Prompt features (B, d) for the heads: the router pass's pooled states, or the frozen copy's own pass."""
         if self.feature_model is None:
-            pooled = state.pooled()
             return pooled if self.cfg.backbone_grad else pooled.detach()
         mask = batch.attention_mask
         with torch.no_grad(), self.router.autocast():
@@ -164,25 +165,25 @@ class HAPSPolicy(nn.Module):
         return out
 
     def act(self, problems: Sequence[Any], mode: str = "sample", seed: int | None = None) -> list[Action]:
-        """Choose z for every problem (`sample` from π or `greedy`) and write the adapters it needs."""
+        """Choose z for every problem (`sample` from π or `greedy`) and write the adapters it needs, from one
+        router pass (its log π and adapters keep their graph when gradients are on)."""
         batch = self.router.encode(problems)
-        state = self.router.forward_prompt(batch)
-        decisions = self.router.decide(batch, state, mode, seed)
-        adapters = self.adapters_for(self.features(batch, state), [d.z for d in decisions])
+        routed = self.router.route(batch, mode, seed)
+        decisions = routed.decisions
+        adapters = self.adapters_for(self.features(batch, routed.pooled), [d.z for d in decisions])
         return [
-            Action(pid, d.z, self.spec.as_dict(d.z), d.log_prob, ads, d.fallback, d.text)
-            for pid, d, ads in zip(batch.ids, decisions, adapters)
+            Action(pid, d.z, self.spec.as_dict(d.z), d.log_prob, ads, d.fallback, d.text, entropy)
+            for pid, d, ads, entropy in zip(batch.ids, decisions, adapters, routed.entropies())
         ]
 
     def evaluate(self, problems: Sequence[Any], assignments: Sequence[Sequence[int] | Mapping[str, int]]) -> list[Action]:
-        """log π(z|x) and adapters for given assignments (the learner re-scoring a rollout's choices)."""
+        """log π(z|x) and adapters for given assignments (fixed or random routing, re-scoring a rollout's choices)."""
         if len(assignments) != len(problems):
             raise ValueError(f"{len(problems)} problems but {len(assignments)} assignments")
         zs = [self.spec.from_dict(z) if isinstance(z, Mapping) else tuple(int(i) for i in z) for z in assignments]
         batch = self.router.encode(problems)
-        state = self.router.forward_prompt(batch)
-        log_probs = self.router.log_prob_of(state, zs)
-        adapters = self.adapters_for(self.features(batch, state), zs)
+        log_probs, pooled = self.router.evaluate(batch, zs)
+        adapters = self.adapters_for(self.features(batch, pooled), zs)
         return [
             Action(pid, z, self.spec.as_dict(z), log_probs[b], ads)
             for b, (pid, z, ads) in enumerate(zip(batch.ids, zs, adapters))

@@ -8,22 +8,22 @@ example and over the batch: `-(sum / count).mean()` of `HighLevelRouter.target_l
 AdamW updates the router backbone's fp32 master weights (the hypernetwork heads get no gradient from
 this loss and are not in the optimiser); on CUDA the forward runs under bf16 autocast (`router.autocast`),
 on CPU in plain fp32. The learning rate warms up linearly for `warmup_ratio` of the steps, then decays
-by a cosine to 0; the global gradient norm is clipped. Batches come from a seeded shuffle per epoch.
+by a cosine to 0; the global gradient norm is clipped. Batches follow `haps_ray.training.epoch_order`; checkpoints
+use the layout of `haps_ray.checkpoint` and a rerun resumes from the newest one.
 
 Checkpoint selection needs no rollouts: the router's greedy z on every valid problem is looked up in D,
 and the valid score is the sum of those D rewards (`score_choices`, with label and best-fixed references).
 
     examples, skipped = join_examples(d_sft, {p.id: p for p in train}, spec, "train", "D_sft.parquet")
     valid = ValidSet.from_tables(d_with_reward, d_sft, {p.id: p for p in valid_problems}, spec)
-    result = fit(policy, examples, cfg.sft, seed, evaluate=lambda: evaluate_router(policy, valid), save=..., log=...)
+    trainer = SFTTrainer(policy, cfg.sft, total_steps=planned_steps(len(examples), cfg.sft.batch_size, cfg.sft.epochs, cfg.sft.max_steps))
+    result = trainer.fit(examples, cfg, run_dir / "sft", evaluate=lambda: evaluate_router(policy, valid, 16), log=...)
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import random
 import shutil
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
@@ -33,17 +33,17 @@ from typing import Any
 
 import pyarrow as pa
 import torch
+from transformers import get_cosine_schedule_with_warmup
 
-from haps_ray.checkpoint import finalize
-from haps_ray.config import ExperimentConfig, SFTConfig, save_config
+from haps_ray.checkpoint import Checkpoints, read_metrics, read_optimizer_state, read_state, save_checkpoint, write_policy
+from haps_ray.config import ExperimentConfig, SFTConfig
 from haps_ray.dataset_labels import TIE_TOL
 from haps_ray.metrics import Progress
+from haps_ray.routing.policy import HAPSPolicy
 from haps_ray.routing.prompt import RoutingSpec
+from haps_ray.training import EvaluationCallback, TrainerState, epoch_progress, next_batch
 
 logger = logging.getLogger(__name__)
-
-METRICS_FILE = "metrics.json"
-CONFIG_FILE = "sft_config.yaml"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,33 +214,13 @@ def evaluate_router(policy: Any, valid: ValidSet, batch_size: int) -> dict[str, 
 
 
 # ----------------------------------------------------------------------------------------------
-# Optimisation
+# Optimisation and the loop
 # ----------------------------------------------------------------------------------------------
 
 
-def warmup_cosine(total_steps: int, warmup_ratio: float) -> Callable[[int], float]:
-    """LR multiplier for update `step` (0-based): (step+1)/W for the first W = round(ratio·total) updates,
-    then 0.5·(1 + cos(π·(step − W)/(total − W))), which reaches 0 only after the last update."""
-    warmup = round(warmup_ratio * total_steps)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(total_steps - warmup, 1)
-        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-    return factor
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """A permutation of range(n), the same for the same (seed, epoch) on every machine."""
-    order = list(range(n))
-    random.Random(f"{seed}|sft|{epoch}").shuffle(order)
-    return order
-
-
 class SFTTrainer:
-    """AdamW + warm-up/cosine schedule + clipping over the router backbone of a `HAPSPolicy`."""
+    """AdamW + warm-up/cosine schedule (`transformers.get_cosine_schedule_with_warmup`) + clipping over the router
+    backbone of a `HAPSPolicy`, and the loop over D_SFT (`fit`)."""
 
     def __init__(self, policy: Any, cfg: SFTConfig, total_steps: int) -> None:
         self.policy, self.cfg = policy, cfg
@@ -248,8 +228,9 @@ class SFTTrainer:
         if not self.params:
             raise ValueError("the router backbone has no trainable parameters")
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(total_steps, cfg.warmup_ratio))
-        self.step = 0
+        self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, round(cfg.warmup_ratio * total_steps), total_steps)
+        self.total_steps = total_steps
+        self.state = TrainerState()
 
     def loss(self, batch: Sequence[SFTExample]) -> torch.Tensor:
         """Mean over examples of the per-token cross-entropy of their canonical JSON targets."""
@@ -265,92 +246,95 @@ class SFTTrainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
-        self.step += 1
         return {"sft/loss": loss.item(), "sft/grad_norm": grad_norm.item(), "sft/lr": lr}
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
 
-def planned_steps(n_examples: int, cfg: SFTConfig) -> int:
-    """Updates the run will make: every batch of every epoch, capped by `max_steps` when set."""
-    total = cfg.epochs * math.ceil(n_examples / cfg.batch_size)
-    return min(total, cfg.max_steps) if cfg.max_steps else total
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
 
+    def save(self, path: Path) -> None:
+        write_policy(self.policy, path, self.state_dict())
 
-def fit(
-    policy: Any,
-    examples: Sequence[SFTExample],
-    cfg: SFTConfig,
-    seed: int,
-    evaluate: Callable[[], dict[str, Any]] | None,
-    save: Callable[[str, dict[str, Any]], None],
-    log: Callable[[dict[str, Any], int], None],
-) -> dict[str, Any]:
-    """Train, evaluate at step 0, every `eval_every` updates and after every epoch; keep the best valid score.
+    def restore(self, path: Path) -> None:
+        saved = HAPSPolicy.load(path, device=str(self.policy.router.device))
+        self.policy.load_state_dict(saved.state_dict(), strict=True)
+        self.load_state_dict(read_optimizer_state(path))
+        self.state = read_state(path)
 
-    `save(name, metrics)` is called with 'best' whenever the valid score improves (strictly; the earliest
-    wins ties) and with 'last' once at the end. Without `evaluate` (no valid data) the last state is also
-    the 'best', and its metrics say so. Returns {"best": metrics, "last": metrics, "steps": updates}.
-    """
-    if not examples:
-        raise ValueError("no SFT examples to train on")
-    total = planned_steps(len(examples), cfg)
-    trainer = SFTTrainer(policy, cfg, total)
-    progress = Progress("sft", total=total, unit=" steps")
-    best: dict[str, Any] | None = None
-    evaluated_at = -1
+    def fit(
+        self,
+        examples: Sequence[SFTExample],
+        experiment: ExperimentConfig,
+        out_dir: str | Path,
+        evaluate: Callable[[], dict[str, Any]] | None,
+        log: Callable[[dict[str, Any], int], None],
+        callback: EvaluationCallback | None = None,
+    ) -> dict[str, Any]:
+        """Train, evaluate at step 0, every `eval_every` updates and after every epoch; keep the best valid score.
 
-    def checkpoint(epoch: float) -> dict[str, Any]:
-        nonlocal best, evaluated_at
-        evaluated_at = trainer.step
-        metrics = {"step": trainer.step, "epoch": epoch}
+        Every evaluation writes a resumable checkpoint (`checkpoints/step_N`) and, when the valid score improves
+        (strictly; the earliest wins ties), `best/`; the end writes `last/`. Without `evaluate` (no valid data) the
+        last state is also the best, and its metrics say so. A rerun resumes from the newest checkpoint. Returns
+        {"best": metrics, "last": metrics, "steps": updates}.
+        """
+        if not examples:
+            raise ValueError("no SFT examples to train on")
+        ckpts = Checkpoints(out_dir)
+        latest = ckpts.latest()
+        if latest is not None:
+            self.restore(latest)
+            logger.info("SFT resumed from %s (step %d)", latest, self.state.step)
+        state, cfg, seed = self.state, self.cfg, experiment.seed
+        if not state.finished:
+            progress = Progress("sft", total=self.total_steps, done=state.step, unit=" steps")
+            evaluated_at = None if latest is None else state.step
+            if evaluated_at is None:
+                self._checkpoint(experiment, ckpts, evaluate, log, callback, len(examples))
+                evaluated_at = state.step
+            while state.step < self.total_steps:
+                if state.position >= len(examples) and evaluated_at != state.step:  # the last batch ended an epoch
+                    self._checkpoint(experiment, ckpts, evaluate, log, callback, len(examples))
+                    evaluated_at = state.step
+                indices = next_batch(state, len(examples), cfg.batch_size, seed, cfg.epochs)
+                if indices is None:
+                    break
+                metrics = self.update([examples[i] for i in indices])
+                state.step += 1
+                log({**metrics, "sft/epoch": epoch_progress(state, len(examples))}, state.step)
+                progress.update(1, f"loss {metrics['sft/loss']:.4f}")
+                if cfg.eval_every and state.step % cfg.eval_every == 0:
+                    self._checkpoint(experiment, ckpts, evaluate, log, callback, len(examples))
+                    evaluated_at = state.step
+            if evaluated_at != state.step:
+                self._checkpoint(experiment, ckpts, evaluate, log, callback, len(examples))
+            if evaluate is None:
+                logger.warning("no valid data: the SFT checkpoint is the last state, not selected by a valid score")
+                save_checkpoint(ckpts.best, self.save, experiment,
+                                {**read_metrics(ckpts.step(state.step)), "selection": "last (no valid data to select on)"}, state)
+            state.finished = True
+            save_checkpoint(ckpts.last, self.save, experiment, {**read_metrics(ckpts.step(state.step)), "selection": "last"}, state)
+        return {"best": read_metrics(ckpts.best), "last": read_metrics(ckpts.last), "steps": state.step}
+
+    def _checkpoint(self, experiment: ExperimentConfig, ckpts: Checkpoints, evaluate: Callable[[], dict[str, Any]] | None,
+                    log: Callable[[dict[str, Any], int], None], callback: EvaluationCallback | None, n: int) -> None:
+        """Evaluate (when there is valid data), then write the step checkpoint and, on improvement, `best/`."""
+        state = self.state
+        metrics: dict[str, Any] = {"step": state.step, "epoch": epoch_progress(state, n)}
+        improved = False
         if evaluate is not None:
             metrics.update(evaluate())
-            log({k: v for k, v in metrics.items() if k.startswith("valid/")}, trainer.step)
+            log({k: v for k, v in metrics.items() if k.startswith("valid/")}, state.step)
             logger.info("sft step %d: valid score %.4f, label acc %.3f, best-z acc %.3f (best fixed: %.4f, %.3f)",
-                        trainer.step, metrics["valid/score"], metrics["valid/label_acc"], metrics["valid/best_acc"],
+                        state.step, metrics["valid/score"], metrics["valid/label_acc"], metrics["valid/best_acc"],
                         metrics["valid/best_fixed_score"], metrics["valid/best_fixed_label_acc"])
-            if best is None or metrics["valid/score"] > best["valid/score"]:
-                best = {**metrics, "selection": "best valid score"}
-                save("best", best)
-        return metrics
-
-    batches_per_epoch = math.ceil(len(examples) / cfg.batch_size)
-    last = checkpoint(0.0)
-    for epoch in range(cfg.epochs):
-        order = epoch_order(len(examples), seed, epoch)
-        for b in range(batches_per_epoch):
-            if trainer.step >= total:
-                break
-            batch = [examples[i] for i in order[b * cfg.batch_size:(b + 1) * cfg.batch_size]]
-            metrics = trainer.update(batch)
-            log({**metrics, "sft/epoch": epoch + (b + 1) / batches_per_epoch}, trainer.step)
-            progress.update(1, f"loss {metrics['sft/loss']:.4f}")
-            if cfg.eval_every and trainer.step % cfg.eval_every == 0:
-                last = checkpoint(epoch + (b + 1) / batches_per_epoch)
-        if evaluated_at != trainer.step:
-            last = checkpoint(epoch + 1.0)
-        if trainer.step >= total:
-            break
-    if evaluate is None:
-        logger.warning("no valid data: the SFT checkpoint is the last state, not selected by a valid score")
-        best = {**last, "selection": "last (no valid data to select on)"}
-        save("best", best)
-    last = {**last, "selection": "last"}
-    save("last", last)
-    assert best is not None
-    return {"best": best, "last": last, "steps": trainer.step}
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints
-# ----------------------------------------------------------------------------------------------
-
-
-def save_checkpoint(policy: Any, path: str | Path, cfg: ExperimentConfig, metrics: Mapping[str, Any]) -> Path:
-    """`HAPSPolicy.save` + sft_config.yaml + metrics.json, written to `<path>.tmp` and renamed into place."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)  # left over by a run that died mid-write
-    policy.save(tmp)
-    save_config(cfg, tmp / CONFIG_FILE)
-    (tmp / METRICS_FILE).write_text(json.dumps(dict(metrics), indent=2, default=float))
-    return finalize(tmp, path)
+            improved = state.record_evaluation(metrics["valid/score"], patience=None)
+        path = save_checkpoint(ckpts.step(state.step), self.save, experiment, metrics, state)
+        for old in sorted(ckpts.step(0).parent.glob("step_*"), key=lambda p: int(p.name[5:]))[:-2]:
+            shutil.rmtree(old, ignore_errors=True)
+        if improved:
+            save_checkpoint(ckpts.best, self.save, experiment, {**metrics, "selection": "best valid score"}, state)
+        if callback is not None and evaluate is not None:
+            callback(state, metrics, path)

@@ -14,11 +14,11 @@ from haps_ray.tasks.hotpotqa import HotpotQAEpisode
 from haps_ray.tasks.loaders import load_problems
 from haps_ray.tasks.mmlu import MMLUEpisode
 from haps_ray.tasks.problem import LoaderError, LoadReport, Problem, RecordError, problems_to_table, sample_problems
-from haps_ray.tasks.protocol import CallRecord, Episode, PendingCall
+from haps_ray.tasks.protocol import CallRecord, Episode, ErrorKind, PendingCall, Retrieval
 
 __all__ = [
-    "CallRecord", "Episode", "HotpotQAEpisode", "LoadReport", "LoaderError", "MMLUEpisode", "PendingCall", "Problem",
-    "RecordError", "load_problems", "make_episode", "problems_to_table", "sample_problems",
+    "CallRecord", "Episode", "ErrorKind", "HotpotQAEpisode", "LoadReport", "LoaderError", "MMLUEpisode", "PendingCall", "Problem",
+    "RecordError", "Retrieval", "load_problems", "make_episode", "problems_to_table", "sample_problems",
 ]
 
 

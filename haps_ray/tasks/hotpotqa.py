@@ -25,7 +25,7 @@ from typing import Any
 
 from haps_ray.tasks.parsing import Parsed, parse_hotpot_student, parse_hotpot_teacher
 from haps_ray.tasks.problem import Problem, RecordError
-from haps_ray.tasks.protocol import Episode, chat, load_template
+from haps_ray.tasks.protocol import Episode, Retrieval, chat, load_template
 
 NONE = "(none yet)"
 
@@ -105,7 +105,6 @@ class HotpotQAEpisode(Episode):
         self.advice = NONE
         self.last_student: Parsed | None = None
         self.query: str | None = None
-        self.retrieved: list[dict] = []  # every search: query and the passages it returned
         self._forced = False
         self._ask_student()
 
@@ -121,7 +120,7 @@ class HotpotQAEpisode(Episode):
             raise RuntimeError(f"episode {self.problem.id}: no search is waiting for passages")
         text = "\n".join(f"[{title}] {body}" for title, body in passages) or "(nothing found)"
         note = f"Search[{self.query}] returned:\n{text}"
-        self.retrieved.append({"query": self.query, "passages": [list(p) for p in passages]})
+        self.retrieved.append(Retrieval(self.query, list(passages)))
         self.unseen = {"student": note, "teacher": note}
         self.query = None
         self._ask_teacher(f"Search[{self.last_student.arg}]", note, reviewing_finish=False)

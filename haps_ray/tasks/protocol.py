@@ -14,7 +14,8 @@ as malformed and the protocol continues; the protocol caps its own number of cal
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from enum import Enum
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,43 @@ class CallRecord:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict) -> CallRecord:
+        """A record from its `to_dict` form (also the calls in D's `trajectory` column); unknown keys are refused."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"call record has unknown keys {unknown}")
+        return cls(**data)
+
+
+@dataclass
+class Retrieval:
+    """One HotpotQA search: the query and the (title, text) passages it returned."""
+
+    query: str
+    passages: list[tuple[str, str]]
+
+    def to_dict(self) -> dict:
+        return {"query": self.query, "passages": [list(p) for p in self.passages]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Retrieval:
+        return cls(data["query"], [(str(t), str(b)) for t, b in data["passages"]])
+
+
+class ErrorKind(str, Enum):
+    """Why an episode ended early. Engine and retrieval failures are the infrastructure's, not the episode's."""
+
+    ENGINE = "engine"  # an engine call failed
+    RETRIEVAL = "retrieval"  # the retriever failed
+    PROTOCOL = "protocol"  # the protocol broke its own rules (call cap, no next step)
+    INTERNAL = "internal"  # parsing or advancing the episode raised: a bug
+
+    @property
+    def infrastructure(self) -> bool:
+        return self in (ErrorKind.ENGINE, ErrorKind.RETRIEVAL)
+
 
 class Episode:
     """Base state machine; subclasses implement `_parse`, `_on_turn` and start with `_ask`."""
@@ -104,6 +142,8 @@ class Episode:
         self.calls: list[CallRecord] = []
         self.final_answer: str | None = None
         self.error: str | None = None
+        self.error_kind: ErrorKind | None = None
+        self.retrieved: list[Retrieval] = []
         self.done = False
         self._pending: PendingCall | None = None
 
@@ -149,12 +189,13 @@ class Episode:
         self.calls.append(record)
         self._on_turn(call.role, parsed)
         if not self.done and len(self.calls) >= self.max_calls and self._pending is not None:
-            self.fail(f"protocol exceeded its {self.max_calls} calls")
+            self.fail(f"protocol exceeded its {self.max_calls} calls", ErrorKind.PROTOCOL)
         return parsed
 
-    def fail(self, message: str) -> None:
+    def fail(self, message: str, kind: ErrorKind) -> None:
         """End the episode with an error (recorded in its result); the answer so far is kept."""
         self.error = message
+        self.error_kind = kind
         self.final_answer = self.answer_so_far()
         self.done = True
         self._pending = None

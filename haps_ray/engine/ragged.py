@@ -6,7 +6,7 @@ traffic is padding, and on a CPU (where decode attention is bound by memory) it 
 If the rows are ordered by length, a run of rows [r0, r1) whose longest row holds n valid positions needs only
 the last n positions of the cache; slicing them is a view, so each run costs one SDPA call over its own width.
 
-The engine passes `row_spans=[(r0, r1, n), ...]` to the model's forward; transformers hands extra keyword
+The generator passes `row_spans=[(r0, r1, n), ...]` to the model's forward; transformers hands extra keyword
 arguments on to the attention function. Without them (prefill, scoring, training) this is plain SDPA. Masked
 positions contribute exactly zero to a softmax, so a run's output equals the padded one up to float rounding.
 """
@@ -17,9 +17,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from transformers import AttentionInterface, PreTrainedModel
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers import PreTrainedModel
+
+from haps_ray.engine.hf_internals import (
+    attention_implementation, register_attention, sdpa_attention_forward, set_attention_implementation,
+)
 
 RAGGED_SDPA = "haps_ragged_sdpa"
 
@@ -54,16 +56,15 @@ def ragged_sdpa_forward(
     return (outputs[0] if len(outputs) == 1 else torch.cat(outputs)), None
 
 
-AttentionInterface.register(RAGGED_SDPA, ragged_sdpa_forward)
-AttentionMaskInterface.register(RAGGED_SDPA, sdpa_mask)
+register_attention(RAGGED_SDPA, ragged_sdpa_forward)
 
 
 def use_ragged_attention(model: PreTrainedModel) -> bool:
     """Switch a model that runs SDPA to `ragged_sdpa_forward` (identical without `row_spans`); other attention
     implementations (eager, flash-attention, ...) are left alone. True when the model now takes `row_spans`."""
-    if model.config._attn_implementation == "sdpa":
-        model.set_attn_implementation(RAGGED_SDPA)
-    return model.config._attn_implementation == RAGGED_SDPA
+    if attention_implementation(model) == "sdpa":
+        set_attention_implementation(model, RAGGED_SDPA)
+    return attention_implementation(model) == RAGGED_SDPA
 
 
 def row_spans(lengths: Sequence[int], waste: float = RUN_PADDING_WASTE) -> RowSpans:
