@@ -21,9 +21,9 @@ import time
 
 import ray
 
-from actors.dataset_builder import BuildActors, DatasetBuilder
 from haps_ray.config import load_config
 from pipelines import common
+from pipelines.build_dataset import BuildActors, DatasetBuilder
 
 
 def main() -> None:
@@ -68,5 +68,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    logging.getLogger("actors.dataset_builder").setLevel(logging.WARNING)
+    logging.getLogger("pipelines.build_dataset").setLevel(logging.WARNING)
     main()

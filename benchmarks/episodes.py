@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from haps_ray.config import DecodingConfig, TaskConfig
-from haps_ray.engine import LLMEngine
+from haps_ray.engine import LLMEngine, LocalEngineClient
 from haps_ray.episodes import EpisodeResult, EpisodeRunner
 from haps_ray.models import load_model
 from haps_ray.rl.cost import PriceTable
@@ -50,7 +50,7 @@ def run_mode(engine: LLMEngine, problems, task: TaskConfig, decoding: DecodingCo
     z = {"teacher": engine.name, "student": engine.name}
     prices = PriceTable({engine.name: (0.2, 0.2)})
     episodes = [make_episode(task, p, z) for p in problems]
-    runner = EpisodeRunner({engine.name: engine}, decoding, prices)
+    runner = EpisodeRunner({engine.name: LocalEngineClient(engine)}, decoding, prices)
     engine.clear_prefix_cache()  # each mode starts cold: the other mode's prompts would all be cached
     prefilled, reused = engine.prefill_tokens, engine.reused_tokens
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -78,13 +78,19 @@ def device_name(device: str) -> str:
     return f"{platform.machine()} CPU"
 
 
+def engine_flags(args: argparse.Namespace) -> str:
+    flags = f" --prefix-cache-mb {args.prefix_cache_mb}" if args.prefix_cache_mb != 1024 else ""
+    return flags + (" --no-ragged" if args.no_ragged else "")
+
+
 def section_markdown(rows: list[dict], n: int, source: str, args: argparse.Namespace, same: int) -> str:
     lock, alone = rows
     speedup = lock["eps"] / alone["eps"]
     lines = [
         "## Episodes",
         "",
-        f"`python -m benchmarks.episodes --repeats {args.repeats}` — {n} MMLU problems ({source}), {MODEL} (fp32, {args.device}) "
+        f"`python -m benchmarks.episodes --repeats {args.repeats}{engine_flags(args)}` — {n} MMLU problems ({source}), "
+        f"{MODEL} (fp32, {args.device}) "
         f"as both Teacher and Student, greedy, max_new_tokens={args.max_new_tokens}, max_rounds={args.rounds}; "
         f"{device_name(args.device)}, {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}, "
         f"measured {time.strftime('%Y-%m-%d')}. Each mode ran {args.repeats} time(s), alternating which went first; "
@@ -123,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default).")
     parser.add_argument("--repeats", type=int, default=1, help="Runs of each mode, alternating which goes first; rates are over all runs.")
     parser.add_argument("--results", default="", help="Markdown file whose '## Episodes' section is (re)written.")
+    parser.add_argument("--prefix-cache-mb", type=int, default=1024, help="The engine's prefix cache (0 = off).")
+    parser.add_argument("--no-ragged", action="store_true", help="Decode with plain SDPA over the padded batch.")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
@@ -131,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     problems, _ = load_problems("mmlu", args.data)
     problems = sample_problems(problems, args.n, seed=0, stratify=True)
     model, tokenizer = load_model(MODEL, dtype="float32", device=args.device)
-    engine = LLMEngine(model, tokenizer, name="smollm2", max_batch_size=max(32, args.n))
+    engine = LLMEngine(model, tokenizer, name="smollm2", max_batch_size=max(32, args.n),
+                       prefix_cache_mb=args.prefix_cache_mb, ragged_attention=not args.no_ragged)
     task = TaskConfig(name="mmlu", max_rounds=args.rounds)
     decoding = DecodingConfig(max_new_tokens=args.max_new_tokens, temperature=0.0)
     run_mode(engine, problems[:1], TaskConfig(name="mmlu", max_rounds=1), DecodingConfig(max_new_tokens=4), True)  # warm-up
@@ -147,10 +156,10 @@ def main(argv: list[str] | None = None) -> int:
             if failed:
                 print(f"{mode}: {len(failed)}/{len(results)} episodes failed, first: {failed[0].error}", file=sys.stderr)
                 return 1
-            tokens = sum(c["n_output_tokens"] for r in results for c in r.calls)
+            tokens = sum(c.n_output_tokens for r in results for c in r.calls)
             seconds, cpu = measured["seconds"], measured["cpu"]
             runs[mode].append({"mode": mode, "tokens": tokens, "llm_calls": sum(r.n_calls for r in results), **measured})
-            trajectories = [[c["token_ids"] for c in r.calls] for r in results]
+            trajectories = [[c.token_ids for c in r.calls] for r in results]
             first = first or trajectories
             same = min(same, sum(a == b for a, b in zip(first, trajectories)))
             print(f"{mode:>14}: {len(results) / seconds:.4f} episodes/s wall, {len(results) / cpu:.4f} per CPU-s, "

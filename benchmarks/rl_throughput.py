@@ -23,15 +23,15 @@ import statistics
 
 import ray
 
-from actors.learner import Learner
+from actors.rl import RLActors
 from haps_ray.config import load_config
 from haps_ray.rl.trainer import rl_step
 from pipelines import common
-from pipelines.train import LearnerProxy, load_normalizer, release, sharded, start_engines, start_workers
 
 
-def measure(cfg, workers_count: int, steps: int, run_dir: str) -> dict[str, float]:
+def measure(cfg, workers_count: int, steps: int) -> dict[str, float]:
     cfg = copy.deepcopy(cfg)
+    cfg.rl.num_rollout_workers = workers_count
     for c in cfg.candidates:
         c.replicas = workers_count
     needed = sum(c.num_cpus for c in cfg.candidates) * workers_count + cfg.rl.learner_num_cpus
@@ -39,25 +39,20 @@ def measure(cfg, workers_count: int, steps: int, run_dir: str) -> dict[str, floa
         raise SystemExit(f"{workers_count} workers need {needed} reserved CPUs (engine replicas + learner), the cluster has "
                          f"{ray.cluster_resources().get('CPU', 0)}: lower candidates' num_cpus or rl.learner_num_cpus")
     train_set = common.load_split(cfg, "train")
-    engines, shapes = start_engines(cfg)
-    learner = workers = None
+    actors = RLActors(cfg, common.load_normalizer(cfg))
     try:
-        ray.get([a.health.remote() for reps in engines.values() for a in reps])
-        learner = Learner.options(num_cpus=cfg.rl.learner_num_cpus).remote(cfg, steps + 1, shapes, None)
-        workers = start_workers(cfg, engines, cfg.train_decoding, load_normalizer(cfg, run_dir), None, workers_count)
-        rollout, gradients = sharded(workers)
-        proxy = LearnerProxy(learner)
+        learner = actors.learner(cfg, steps + 1, None)
         timed = []
         for step in range(steps + 1):  # update 0 warms up (first calls fill caches, allocate buffers)
             batch = [train_set[(step * cfg.rl.batch_size + i) % len(train_set)] for i in range(cfg.rl.batch_size)]
-            metrics, _ = rl_step(proxy, batch, cfg.rl, rollout, gradients, seed=step)
+            metrics, _ = rl_step(learner, batch, cfg.rl, actors.rollouts, seed=step)
             if step > 0:
                 timed.append(metrics)
         episodes = cfg.rl.batch_size * cfg.rl.group_size
         mean = {key: statistics.mean(m[key] for m in timed) for key in timed[0] if key.startswith("time/")}
         return {"workers": workers_count, "episodes_per_s": episodes * steps / sum(m["time/step_s"] for m in timed), **mean}
     finally:
-        release(engines, learner, workers)
+        actors.shutdown()
 
 
 def main() -> None:
@@ -70,8 +65,7 @@ def main() -> None:
     common.setup_logging("WARNING")
     cfg = load_config(args.config, args.overrides)
     common.init_ray(cfg)
-    run_dir = common.resolve_run_dir(cfg)
-    rows = [measure(cfg, w, args.steps, run_dir) for w in args.workers]
+    rows = [measure(cfg, w, args.steps) for w in args.workers]
     cpus = os.cpu_count()
     print(f"\n{args.config}: batch {cfg.rl.batch_size} x G {cfg.rl.group_size}, {args.steps} timed updates, "
           f"candidates {[c.name for c in cfg.candidates]} | {platform.machine()} CPU x{cpus} | Ray {ray.__version__}")
