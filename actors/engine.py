@@ -86,6 +86,5 @@ class EngineActor:
 
 def create_engine_actors(candidate: CandidateConfig, lora_layers: int = 1) -> list[ray.actor.ActorHandle]:
     """Start `candidate.replicas` EngineActors with the candidate's CPU/GPU reservation; returns their handles."""
-    candidate.validate(f"candidate {candidate.name!r}")
     options = {"num_cpus": candidate.num_cpus, "num_gpus": candidate.num_gpus}
     return [EngineActor.options(**options).remote(candidate, lora_layers) for _ in range(candidate.replicas)]

@@ -3,7 +3,7 @@
 Every pipeline does the same four things first:
 
     args = parse_args("Build the action-level dataset D", argv)
-    cfg = load(args)                      # YAML + --set dotted.key=value overrides, validated
+    cfg = load(args)                      # YAML + --set overrides, validated; a bad one exits 2
     setup_logging(args.log_level)
     init_ray(cfg)                         # join a running cluster, or start a local Ray
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -51,8 +52,16 @@ def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.
 
 
 def load(args: argparse.Namespace) -> ExperimentConfig:
-    """The validated config named by `--config` with every `--set` applied."""
-    return load_config(args.config, overrides=list(args.overrides))
+    """The validated config named by `--config` with every `--set` applied.
+
+    A bad config ends the process here, before Ray starts: one line on stderr naming the file and the
+    field (`error: <file>: <dotted.field>: <what is wrong>`) and exit status 2, argparse's for bad usage.
+    """
+    try:
+        return load_config(args.config, overrides=list(args.overrides))
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def setup_logging(level: str = "INFO") -> None:

@@ -106,7 +106,7 @@ def test_adapters_learn_through_engine_actors(make_tiny, tmp_path, ray_local):
                                 dtype="float32", device="cpu", num_cpus=0.5)
     cfg = ExperimentConfig(
         seed=0,
-        task=TaskConfig(name="mmlu", roles=["student"]),
+        task=TaskConfig(name="mmlu", roles=["student"], train_path="unused", valid_path="unused"),  # dataset.splits needs both paths; never read here
         candidates=[candidate],
         router=RouterConfig(backbone="tiny-llama", max_prompt_tokens=256, lora_alpha=1.0, lora_rank=4, hidden=64),
         rl=RLConfig(router_lr=0.0, generator_lr=1e-2, batch_size=8, group_size=4, baseline="none"),

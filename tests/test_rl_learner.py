@@ -40,7 +40,7 @@ class CountingEngine:
 def make_setup(make_tiny, seed: int = 0):
     cfg = ExperimentConfig(
         seed=seed,
-        task=TaskConfig(name="mmlu", max_rounds=1),
+        task=TaskConfig(name="mmlu", max_rounds=1, train_path="unused", valid_path="unused"),  # dataset.splits needs both paths; never read here
         candidates=[CandidateConfig(name="open", model="tiny-llama"),
                     CandidateConfig(name="closed", model="tiny-qwen2", open_source=False)],
         router=RouterConfig(backbone="tiny-llama", max_prompt_tokens=256, lora_alpha=1.0, init="authors"),

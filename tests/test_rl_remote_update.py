@@ -39,7 +39,7 @@ def saved_tiny(make_tiny, path, arch):
 def learner_and_step(candidates, engines):
     cfg = ExperimentConfig(
         seed=0,
-        task=TaskConfig(name="mmlu", max_rounds=1),
+        task=TaskConfig(name="mmlu", max_rounds=1, train_path="unused", valid_path="unused"),  # dataset.splits needs both paths; never read here
         candidates=candidates,
         router=RouterConfig(backbone="tiny-llama", max_prompt_tokens=256, lora_alpha=1.0, init="authors"),
         rl=RLConfig(router_lr=1e-3, generator_lr=1e-3, batch_size=4, group_size=2, baseline="none"),

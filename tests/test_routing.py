@@ -62,8 +62,9 @@ def test_prompt_has_four_parts_and_candidate_ids():
 
 
 def test_spec_from_config_checks_description_names():
-    cfg = ExperimentConfig(candidates=[CandidateConfig(name="a", model="tiny-llama"), CandidateConfig(name="b", model="tiny-qwen2")])
-    cfg.task = TaskConfig(name="hotpotqa", roles=["student", "teacher", "critic"])
+    cfg = ExperimentConfig(candidates=[CandidateConfig(name="a", model="tiny-llama"), CandidateConfig(name="b", model="tiny-qwen2")],
+                           task=TaskConfig(train_path="unused", valid_path="unused"))  # dataset.splits needs both paths; never read here
+    cfg.task = TaskConfig(name="hotpotqa", roles=["student", "teacher", "critic"], train_path="unused", valid_path="unused")
     spec = RoutingSpec.from_config(cfg)
     assert spec.roles == ("student", "teacher", "critic") and spec.num_assignments == 8
     assert "- critic: is a member of the team with the role 'critic'." in routing_messages(spec, "q")[1]["content"]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from haps_ray.config import CandidateConfig, ExperimentConfig, RouterConfig
+from haps_ray.config import CandidateConfig, ExperimentConfig, RouterConfig, TaskConfig
 from haps_ray.lora import adapter_shapes, attach_lora, use_adapters
 from haps_ray.models import build_tiny_model
 from haps_ray.routing import HAPSPolicy, HighLevelRouter, RoutingSpec, shapes_from_hf_config
@@ -48,6 +48,7 @@ def test_tiny_pool_sizes(candidates):
 
 def test_from_config_builds_a_head_per_open_candidate_at_its_own_size(candidates):
     cfg = ExperimentConfig(
+        task=TaskConfig(train_path="unused", valid_path="unused"),  # dataset.splits needs both paths; never read here
         candidates=[
             CandidateConfig(name="llama", model="tiny-llama"),
             CandidateConfig(name="qwen", model="tiny-qwen2"),

@@ -64,6 +64,7 @@ def d_table(problems: dict[str, dict[str, tuple[list[float], list[float]]]]) -> 
 def tiny_policy(seed: int = 0, **router) -> HAPSPolicy:
     cfg = ExperimentConfig(
         seed=seed,
+        task=TaskConfig(train_path="unused", valid_path="unused"),  # dataset.splits needs both paths; never read here
         candidates=[CandidateConfig(name="astro", model="tiny-llama"), CandidateConfig(name="chef", model="tiny-qwen2", open_source=False)],
         router=RouterConfig(backbone="tiny-llama", device="cpu", max_prompt_tokens=256, hidden=16, lora_rank=2, **router),
     )
@@ -204,7 +205,8 @@ def test_updates_move_the_backbone_only_and_checkpoints_round_trip_exactly(tmp_p
         moved = not torch.equal(tensor, before[name])
         assert moved == name.startswith("router."), f"{name} moved={moved}"  # heads get no gradient from SFT
 
-    cfg = ExperimentConfig(candidates=[CandidateConfig(name="astro", model="tiny-llama")], sft=SFTConfig(lr=1e-3))
+    cfg = ExperimentConfig(candidates=[CandidateConfig(name="astro", model="tiny-llama")], sft=SFTConfig(lr=1e-3),
+                           task=TaskConfig(train_path="unused", valid_path="unused"))  # dataset.splits needs both paths; never read here
     path = save_checkpoint(policy, tmp_path / "best", cfg, {"step": 2, "valid/score": 1.5})
     assert not (tmp_path / "best.tmp").exists()
     loaded = HAPSPolicy.load(path, device="cpu")
@@ -224,7 +226,7 @@ def test_updates_move_the_backbone_only_and_checkpoints_round_trip_exactly(tmp_p
 def test_adapter_shapes_from_the_config_alone_match_the_loaded_model(source):
     from pipelines.sft import candidate_adapter_shapes
 
-    cfg = ExperimentConfig(candidates=[CandidateConfig(name="m", model=source)])
+    cfg = ExperimentConfig(candidates=[CandidateConfig(name="m", model=source)], task=TaskConfig(train_path="unused", valid_path="unused"))  # dataset.splits needs both paths; never read here
     cfg.router.lora_layers = 2
     model, _ = load_model(source, device="cpu")
     config = model_config(source)
