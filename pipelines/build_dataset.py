@@ -18,6 +18,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 
 import pyarrow as pa
 
@@ -39,20 +40,23 @@ def output_dir(cfg: ExperimentConfig) -> str:
     return storage.join(common.resolve_run_dir(cfg), "dataset")
 
 
-def frozen_normalizer(d: pa.Table, out: str) -> CostNormalizer | None:
-    """Fit on D's train rows and save; without train rows, load the one saved by an earlier build."""
+def frozen_normalizer(d: pa.Table, out: str, clip: bool = True) -> CostNormalizer | None:
+    """Fit on D's train rows and save; without train rows, load the one saved by an earlier build.
+
+    `clip` (the config's `reward.clip_cost`) is recorded with the bounds and overrides a loaded one.
+    """
     uri = storage.join(out, "cost_normalizer.json")
     if "train" in set(d.column("split").to_pylist()):
-        normalizer = D.fit_cost_normalizer(d)
+        normalizer = D.fit_cost_normalizer(d, clip=clip)
         normalizer.save(uri)
         return normalizer
-    return CostNormalizer.load(uri) if storage.exists(uri) else None
+    return replace(CostNormalizer.load(uri), clip=clip) if storage.exists(uri) else None
 
 
 def write_tables(cfg: ExperimentConfig, out: str) -> dict:
     """D_SFT, label summary, baselines and the frozen cost normaliser from the D under `out`."""
     d, duplicates = D.read_d(storage.join(out, "D"))
-    normalizer = frozen_normalizer(d, out)
+    normalizer = frozen_normalizer(d, out, cfg.reward.clip_cost)
     d = D.with_reward(d, cfg.reward, normalizer)
     labels, label_summary = sft_labels(d, cfg.dataset.tie_policy, cfg.dataset.drop_all_zero, cfg.dataset.balance, cfg.seed)
     storage.write_table(labels, storage.join(out, "D_sft.parquet"))

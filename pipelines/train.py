@@ -21,6 +21,7 @@ import random
 import shutil
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -84,10 +85,10 @@ def sharded(workers: Sequence[Any]) -> tuple[Callable, Callable]:
 
 
 def load_normalizer(cfg: ExperimentConfig, run_dir: str) -> CostNormalizer | None:
-    """The train-fitted, frozen cost normaliser from D (needed when λ > 0)."""
+    """The train-fitted, frozen cost normaliser from D (needed when λ > 0), clipping as `reward.clip_cost` says."""
     uri = storage.join(cfg.dataset.output or storage.join(run_dir, "dataset"), "cost_normalizer.json")
     if storage.exists(uri):
-        return CostNormalizer.load(uri)
+        return replace(CostNormalizer.load(uri), clip=cfg.reward.clip_cost)
     if cfg.reward.lam > 0:
         raise FileNotFoundError(f"reward.lam={cfg.reward.lam} needs the cost normaliser fitted on D's train split: "
                                 f"{uri} does not exist (run pipelines.build_dataset first)")
