@@ -20,7 +20,7 @@ import itertools
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -306,22 +306,25 @@ def check_compatible(table: pa.Table, names: Sequence[str], checksums: Sequence[
 # ----------------------------------------------------------------------------------------------
 
 
-def fit_cost_normalizer(table: pa.Table, split: str = "train") -> CostNormalizer:
+def fit_cost_normalizer(table: pa.Table, split: str = "train", clip: bool = True) -> CostNormalizer:
     """Min-max bounds of the episode cost over the rows of `split` (the paper fits them on train)."""
     costs = table.filter(pc.equal(table.column("split"), split)).column("cost").to_pylist()
     if not costs:
         raise ValueError(f"no {split!r} rows in D to fit the cost normaliser on; build that split or pass a frozen normaliser")
-    return CostNormalizer.fit(costs)
+    return CostNormalizer.fit(costs, clip=clip)
 
 
 def with_reward(table: pa.Table, reward: RewardConfig, normalizer: CostNormalizer | None = None) -> pa.Table:
     """D plus the derived `cost_norm` and `reward` columns (see the module docstring for the order).
 
-    `normalizer` is the frozen train-split normaliser; None fits one on this D's train rows. With λ = 0
-    the cost term vanishes and `cost_norm` is still filled (when train rows exist) for reporting.
+    `normalizer` is the frozen train-split normaliser; None fits one on this D's train rows. Either way
+    `reward.clip_cost` decides whether Ĉ is clipped to [0, 1]: a given normaliser contributes its bounds only.
+    With λ = 0 the cost term vanishes and `cost_norm` is still filled (when train rows exist) for reporting.
     """
-    if normalizer is None and (reward.lam > 0 or pc.any(pc.equal(table.column("split"), "train")).as_py()):
-        normalizer = fit_cost_normalizer(table)
+    if normalizer is not None:
+        normalizer = replace(normalizer, clip=reward.clip_cost)
+    elif reward.lam > 0 or pc.any(pc.equal(table.column("split"), "train")).as_py():
+        normalizer = fit_cost_normalizer(table, clip=reward.clip_cost)
     costs = table.column("cost").to_pylist()
     perfs = table.column("perf").to_pylist()
     cost_norm = [normalizer(c) if normalizer else None for c in costs]

@@ -28,7 +28,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import pyarrow as pa
@@ -188,20 +188,23 @@ class DatasetBuilder:
         logger.warning("batch %s re-queued after an engine died (%s)", spec.batch_id, type(err).__name__)
 
 
-def frozen_normalizer(cfg: ExperimentConfig, d: pa.Table, out: str) -> CostNormalizer | None:
-    """Fit on D's train rows and save; without train rows, load the one saved by an earlier build."""
+def frozen_normalizer(d: pa.Table, out: str, clip: bool = True) -> CostNormalizer | None:
+    """Fit on D's train rows and save; without train rows, load the one saved by an earlier build.
+
+    `clip` (the config's `reward.clip_cost`) is recorded with the bounds and overrides a loaded one.
+    """
     uri = storage.join(out, "cost_normalizer.json")
     if "train" in set(d.column("split").to_pylist()):
-        normalizer = D.fit_cost_normalizer(d)
+        normalizer = D.fit_cost_normalizer(d, clip=clip)
         normalizer.save(uri)
         return normalizer
-    return CostNormalizer.load(uri) if storage.exists(uri) else None
+    return replace(CostNormalizer.load(uri), clip=clip) if storage.exists(uri) else None
 
 
 def write_tables(cfg: ExperimentConfig, out: str) -> dict:
     """D_SFT, label summary, baselines and the frozen cost normaliser from the D under `out`."""
     d, duplicates = D.read_d(storage.join(out, "D"))
-    normalizer = frozen_normalizer(cfg, d, out)
+    normalizer = frozen_normalizer(d, out, cfg.reward.clip_cost)
     d = D.with_reward(d, cfg.reward, normalizer)
     labels, label_summary = sft_labels(d, cfg.dataset.tie_policy, cfg.dataset.drop_all_zero, cfg.dataset.balance, cfg.seed)
     storage.write_table(labels, storage.join(out, "D_sft.parquet"))
@@ -228,7 +231,7 @@ def build(cfg: ExperimentConfig) -> dict:
 def main(argv: Sequence[str] | None = None) -> int:
     args = common.parse_args("Build the action-level dataset D, D_SFT and static baselines", argv)
     common.setup_logging(args.log_level)
-    cfg = common.load(args)
+    cfg = common.load(args, lambda c: c.dataset.splits, "dataset.splits")
     common.init_ray(cfg)
     summary = build(cfg)
     out, report = common.dataset_dir(cfg), summary["build"]

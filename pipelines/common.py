@@ -3,7 +3,7 @@
 Every pipeline does the same four things first:
 
     args = parse_args("Build the action-level dataset D", argv)
-    cfg = load(args)                      # YAML + --set dotted.key=value overrides, validated
+    cfg = load(args)                      # YAML + --set overrides, validated; a bad one exits 2
     setup_logging(args.log_level)
     init_ray(cfg)                         # join a running cluster, or start a local Ray
 
@@ -17,7 +17,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import ray
@@ -51,9 +53,23 @@ def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.
     return build_parser(description).parse_args(argv)
 
 
-def load(args: argparse.Namespace) -> ExperimentConfig:
-    """The validated config named by `--config` with every `--set` applied."""
-    return load_config(args.config, overrides=list(args.overrides))
+def load(args: argparse.Namespace, splits: Callable[[ExperimentConfig], Sequence[str]] | None = None,
+         field: str = "task") -> ExperimentConfig:
+    """The validated config named by `--config` with every `--set` applied; the splits the stage reads,
+    `splits(cfg)` (named in an error as `field`), must each have a `task.<split>_path`.
+
+    A bad config ends the process here, before Ray starts: one line on stderr naming the file and the
+    field (`error: <file>: <dotted.field>: <what is wrong>`) and exit status 2, argparse's for bad usage.
+    """
+    try:
+        cfg = load_config(args.config, overrides=list(args.overrides))
+        if splits is not None:
+            cfg.require_splits(splits(cfg), field)
+    except ConfigError as err:
+        message = str(err) if str(err).startswith(f"{args.config}: ") else f"{args.config}: {err}"
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return cfg
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -106,10 +122,11 @@ def dataset_dir(cfg: ExperimentConfig) -> str:
 
 
 def load_normalizer(cfg: ExperimentConfig) -> CostNormalizer | None:
-    """The train-fitted, frozen cost normaliser that D building saved (required when λ > 0)."""
+    """The train-fitted, frozen cost normaliser that D building saved (required when λ > 0), clipping as
+    `reward.clip_cost` says."""
     uri = storage.join(dataset_dir(cfg), "cost_normalizer.json")
     if storage.exists(uri):
-        return CostNormalizer.load(uri)
+        return replace(CostNormalizer.load(uri), clip=cfg.reward.clip_cost)
     if cfg.reward.lam > 0:
         raise FileNotFoundError(f"reward.lam={cfg.reward.lam} needs the cost normaliser fitted on D's train split: "
                                 f"{uri} does not exist (run pipelines.build_dataset first)")

@@ -30,11 +30,11 @@ STAGES = ("data", "dataset", "sft", "rl", "evaluate")
 
 def with_prepared_data(cfg: ExperimentConfig, summary: dict) -> ExperimentConfig:
     """The config with every split pointing at its prepared Parquet file, taken whole (n_<split> = 0)."""
-    task = dataclasses.replace(cfg.task)
+    update = {}
     for split, info in summary["splits"].items():
-        setattr(task, f"{split}_path", info["uri"])
-        setattr(task, f"n_{split}", 0)
-    return dataclasses.replace(cfg, task=task)
+        update[f"{split}_path"] = info["uri"]
+        update[f"n_{split}"] = 0
+    return cfg.model_copy(update={"task": cfg.task.model_copy(update=update)})
 
 
 def run(cfg: ExperimentConfig, run_dir: str) -> dict:
@@ -73,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--fresh", action="store_true", help="Delete the run directory and start over.")
     args = parser.parse_args(argv)
     common.setup_logging(args.log_level)
-    cfg = common.load(args)
+    cfg = common.load(args, lambda c: c.dataset.splits, "dataset.splits")
     run_dir = common.resolve_run_dir(cfg)
     if args.fresh:
         shutil.rmtree(run_dir, ignore_errors=True)

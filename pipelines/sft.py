@@ -108,7 +108,7 @@ def run_sft(cfg: ExperimentConfig, run_dir: str, callback: EvaluationCallback | 
 def main(argv: Sequence[str] | None = None) -> int:
     args = common.parse_args("SFT warm-up of the router on D_SFT", argv)
     common.setup_logging(args.log_level)
-    cfg = common.load(args)
+    cfg = common.load(args, lambda c: ["train"])
     run_dir = common.resolve_run_dir(cfg)
     common.save_resolved_config(cfg, run_dir, "sft_config.yaml")
     summary = run_sft(cfg, run_dir)

@@ -67,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--fresh", action="store_true", help="Ignore existing checkpoints and start over.")
     args = parser.parse_args(argv)
     common.setup_logging(args.log_level)
-    cfg = common.load(args)
+    cfg = common.load(args, lambda c: ["train", "valid"])
     common.init_ray(cfg)
     run_dir = common.resolve_run_dir(cfg)
     common.save_resolved_config(cfg, run_dir, "config.rl.yaml")

@@ -132,7 +132,7 @@ def test_init_ray_joins_the_cluster_named_by_ray_address_or_the_config(ray_sessi
     assert common.init_ray(config_from_dict(config())) == ray_session  # already initialised here: kept as it is
 
 
-def test_cli_overrides_and_locations(tmp_path, monkeypatch):
+def test_cli_overrides_and_locations(tmp_path, monkeypatch, capsys):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(config()))
     args = common.parse_args("x", ["--config", str(path), "--set", "dataset.batch_size=2", "--set", "run_dir=runs/q"])
@@ -141,8 +141,9 @@ def test_cli_overrides_and_locations(tmp_path, monkeypatch):
     monkeypatch.setenv("HAPS_RUN_ROOT", str(tmp_path))
     assert common.resolve_run_dir(cfg) == str(tmp_path / "runs" / "q")
     assert common.resolve_location("s3://b/x/") == "s3://b/x"
-    with pytest.raises(Exception, match="dataset.batch_size"):
+    with pytest.raises(SystemExit) as stop:  # a bad config is one line on stderr and exit status 2
         common.load(common.parse_args("x", ["--config", str(path), "--set", "dataset.batch_size=0"]))
+    assert stop.value.code == 2 and capsys.readouterr().err.startswith(f"error: {path}: dataset.batch_size: ")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 
 from haps_ray import dataset as D
-from haps_ray.config import DecodingConfig, RewardConfig
+from haps_ray.config import DecodingConfig, RewardConfig, config_from_dict
 from haps_ray.dataset_labels import baselines_csv, baselines_markdown, sft_labels, static_baselines, write_baselines
 from haps_ray.rl.cost import CostNormalizer
 
@@ -112,6 +112,36 @@ def test_with_reward_uses_train_bounds_and_shaping():
     valid_only = hand_made_d().filter(pa.compute.equal(hand_made_d().column("split"), "valid"))
     with pytest.raises(ValueError, match="no 'train' rows"):
         D.with_reward(valid_only, RewardConfig(lam=0.2))
+
+
+def test_reward_clip_cost_decides_whether_costs_above_the_train_range_are_clipped():
+    # q1 z0 costs 7, above the train maximum 4: Ĉ = (7 - 1) / 3 = 2 unclipped
+    def valid_c_hat(reward: RewardConfig, normalizer: CostNormalizer | None = None) -> float:
+        rows = {(r["split"], r["problem_id"], r["z_index"]): r for r in D.with_reward(hand_made_d(), reward, normalizer).to_pylist()}
+        return rows["valid", "q1", 0]["cost_norm"]
+
+    assert valid_c_hat(RewardConfig(clip_cost=False)) == pytest.approx(2.0)
+    assert valid_c_hat(RewardConfig(clip_cost=True)) == 1.0
+    # a given (frozen) normaliser brings its bounds; the reward config decides the clipping
+    assert valid_c_hat(RewardConfig(clip_cost=False), CostNormalizer(1.0, 4.0, clip=True)) == pytest.approx(2.0)
+    assert valid_c_hat(RewardConfig(clip_cost=True), CostNormalizer(1.0, 4.0, clip=False)) == 1.0
+
+
+def test_pipelines_fit_and_load_the_normaliser_with_reward_clip_cost(tmp_path):
+    from pipelines.build_dataset import frozen_normalizer
+    from pipelines.common import load_normalizer
+
+    d = hand_made_d()
+    fitted = frozen_normalizer(d, str(tmp_path), clip=False)
+    assert (fitted.low, fitted.high, fitted.clip) == (1.0, 4.0, False) and fitted(7.0) == pytest.approx(2.0)
+    valid_only = d.filter(pa.compute.equal(d.column("split"), "valid"))
+    assert frozen_normalizer(valid_only, str(tmp_path), clip=True).clip is True  # loaded, then set by the config
+    cfg = config_from_dict({"candidates": [{"name": "a", "model": "x"}], "task": {"train_path": "t", "valid_path": "v"},
+                            "dataset": {"output": str(tmp_path)}, "reward": {"clip_cost": False}})
+    loaded = load_normalizer(cfg)
+    assert loaded.clip is False and loaded(7.0) == pytest.approx(2.0)
+    cfg.reward.clip_cost = True
+    assert load_normalizer(cfg)(7.0) == 1.0
 
 
 def labels_of(table: pa.Table, split: str = "train") -> dict[str, list[int]]:

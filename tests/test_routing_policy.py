@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from haps_ray.config import CandidateConfig, ExperimentConfig, RouterConfig
+from haps_ray.config import CandidateConfig, ExperimentConfig, RouterConfig, TaskConfig
 from haps_ray.lora import adapter_shapes, attach_lora, use_adapters
 from haps_ray.models import build_tiny_model
 from haps_ray.routing import HAPSPolicy, HighLevelRouter, RoutingSpec, shapes_from_hf_config

