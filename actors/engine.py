@@ -60,10 +60,9 @@ class EngineActor:
         self.engine = LLMEngine.from_config(candidate, lora_layers=lora_layers)
 
     def generate(self, messages: Sequence[Messages], adapters: Sequence[Adapter | None] | None = None,
-                 max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-                 stop: Sequence[str] | None = None, seed: int | None = None) -> list[Generation]:
+                 **sampling: Any) -> list[Generation]:
         self.calls += 1
-        return self.engine.generate(messages, adapters, max_new_tokens, temperature, top_p, stop, seed)
+        return self.engine.generate(messages, adapters, **sampling)
 
     def score(self, messages: Sequence[Messages], completions: Sequence[Completion],
               adapters: Sequence[Adapter | None] | None = None) -> list[list[float]]:
@@ -89,16 +88,14 @@ def _detached(adapters: Sequence[Adapter | None] | None) -> list[Adapter | None]
 
 
 class EngineActorClient:
-    """`haps_ray.engine.EngineClient` over an EngineActor handle."""
+    """`haps_ray.engine.EngineClient` over an EngineActor handle (arguments as `EngineClient` documents them)."""
 
     def __init__(self, handle: ray.actor.ActorHandle) -> None:
         self.handle = handle
 
     def generate(self, messages: Sequence[Messages], adapters: Sequence[Adapter | None] | None = None,
-                 max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-                 stop: Sequence[str] | None = None, seed: int | None = None) -> RayPending[list[Generation]]:
-        return RayPending(self.handle.generate.remote(messages, _detached(adapters), max_new_tokens, temperature,
-                                                      top_p, stop, seed))
+                 **sampling: Any) -> RayPending[list[Generation]]:
+        return RayPending(self.handle.generate.remote(messages, _detached(adapters), **sampling))
 
     def score(self, messages: Sequence[Messages], completions: Sequence[Completion],
               adapters: Sequence[Adapter | None] | None = None) -> RayPending[list[list[float]]]:

@@ -23,13 +23,13 @@ import argparse
 import logging
 import os
 import platform
-import re
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from benchmarks.results import write_section
 from haps_ray.config import DecodingConfig, TaskConfig
 from haps_ray.engine import LLMEngine, LocalEngineClient
 from haps_ray.episodes import EpisodeResult, EpisodeRunner
@@ -111,14 +111,6 @@ def section_markdown(rows: list[dict], n: int, source: str, args: argparse.Names
     return "\n".join(lines)
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace the '## Episodes' section of `path` (up to the next '## ' heading), or append it."""
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(r"^## Episodes\n.*?(?=^## |\Z)", re.M | re.S)
-    new = pattern.sub(lambda _: text + "\n", old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
-    path.write_text(new)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=16, help="MMLU problems (episodes per mode).")
@@ -131,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", default="", help="Markdown file whose '## Episodes' section is (re)written.")
     parser.add_argument("--prefix-cache-mb", type=int, default=1024, help="The engine's prefix cache (0 = off).")
     parser.add_argument("--no-ragged", action="store_true", help="Decode with plain SDPA over the padded batch.")
+    parser.add_argument("--lock-step-only", action="store_true",
+                        help="Time lock-step alone (to compare engine switches); no speed-up, no --results section.")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
@@ -145,11 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     decoding = DecodingConfig(max_new_tokens=args.max_new_tokens, temperature=0.0)
     run_mode(engine, problems[:1], TaskConfig(name="mmlu", max_rounds=1), DecodingConfig(max_new_tokens=4), True)  # warm-up
 
-    runs: dict[str, list[dict]] = {"lock-step": [], "one at a time": []}
+    runs: dict[str, list[dict]] = {"lock-step": []} if args.lock_step_only else {"lock-step": [], "one at a time": []}
     first: list | None = None
     same = len(problems)
     for repeat in range(args.repeats):
-        modes = [("lock-step", True), ("one at a time", False)]
+        modes = [("lock-step", True)] if args.lock_step_only else [("lock-step", True), ("one at a time", False)]
         for mode, lock_step in modes if repeat % 2 == 0 else modes[::-1]:
             results, measured = run_mode(engine, problems, task, decoding, lock_step)
             failed = [r for r in results if r.error]
@@ -167,11 +161,15 @@ def main(argv: list[str] | None = None) -> int:
                   f"{cpu:.1f} s CPU, prompt tokens prefilled {measured['prefilled']} / from prefix cache {measured['reused']}",
                   flush=True)
     rows = [aggregate(measured_runs, len(problems)) for measured_runs in runs.values()]
+    if args.lock_step_only:
+        print(f"lock-step{engine_flags(args)}: {rows[0]['eps']:.4f} episodes/s over {args.repeats} run(s), "
+              f"wall s of every run {', '.join(f'{w:.0f}' for w in rows[0]['runs'])}")
+        return 0
     source = "shared valid split" if Path(args.data) == SHARED_VALID else args.data
     print(f"speed-up {rows[0]['eps'] / rows[1]['eps']:.2f}x wall, {rows[0]['eps_cpu'] / rows[1]['eps_cpu']:.2f}x per CPU-s "
           f"(all runs); identical trajectories {same}/{len(problems)}")
     if args.results:
-        write_section(Path(args.results), section_markdown(rows, len(problems), source, args, same))
+        write_section(Path(args.results), "Episodes", section_markdown(rows, len(problems), source, args, same))
         print(f"wrote the Episodes section of {args.results}")
     return 0
 

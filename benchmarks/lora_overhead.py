@@ -6,7 +6,7 @@ Every method decodes the same random prompts with the same random-weight model (
     bmm k=1 / k=all       HF `generate` inside `haps_ray.lora.use_adapters`, a different adapter per sample
     peft mixed batch      HF `generate(adapter_names=[...])`, peft 0.21, a different adapter per sample (o_proj, k=1)
     peft per-request      one request at a time: `set_adapter(name)` then batch-1 `generate` (o_proj, k=1)
-    engine loop (+bmm)    `LLMEngine.generate_tokens` (our decode loop), no adapter and bmm k=1
+    engine loop (+bmm)    `LLMEngine.generator.generate` (our decode loop), no adapter and bmm k=1
 
 Every request decodes exactly `new` tokens (EOS suppressed); tokens/s counts generated tokens over the whole call
 (prefill included). Methods run interleaved, one repeat after another, after `--warmup` untimed rounds; the table
@@ -168,12 +168,12 @@ def engine_methods(model: torch.nn.Module, ids: torch.Tensor, adapters: list[Ada
         print(f"(engine-loop rows skipped: no SmolLM2 tokenizer: {err})")
         return {}
     engine = LLMEngine(model, tokenizer, name="bench", lora_layers=1, max_batch_size=preset.batch)
-    engine.eos_ids = set()  # decode exactly `new` tokens per request, like the HF rows (min_new_tokens)
+    engine.encoder.eos_ids = set()  # decode exactly `new` tokens per request, like the HF rows (min_new_tokens)
     prompts = ids.tolist()
 
     def run(with_adapters: bool) -> Callable[[], int]:
-        return lambda: sum(g.n_output_tokens for g in engine.generate_tokens(
-            prompts, adapters if with_adapters else None, max_new_tokens=preset.new))
+        return lambda: sum(g.n_output_tokens for g in engine.generator.generate(
+            prompts, adapters if with_adapters else [None] * len(prompts), max_new_tokens=preset.new))
 
     return {"engine loop": run(False), "engine loop + bmm k=1": run(True)}
 

@@ -108,6 +108,13 @@ class Checkpoints:
     def last(self) -> Path:
         return self.root / "last"
 
+    def prune(self, keep: int) -> None:
+        """Delete all but the newest `keep` step checkpoints (`best/` and `last/` are never touched)."""
+        steps = sorted((p for p in (self.root / "checkpoints").glob("step_*") if p.is_dir() and p.name[5:].isdigit()),
+                       key=lambda p: int(p.name[5:]))
+        for old in steps[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
     def latest(self) -> Path | None:
         """The complete checkpoint with the most updates among `last` and `checkpoints/step_*` (None if none)."""
         candidates = [p for p in [self.last, *(self.root / "checkpoints").glob("step_*")]

@@ -115,6 +115,10 @@ class CandidateConfig(Section):
         "MiB of prompt KV each engine keeps to skip prefilling prefixes it has seen (system prompts, earlier "
         "rounds of an episode, the G samples of a problem); 0 turns prefix caching off."
     ))
+    ragged_attention: bool = Field(True, description=(
+        "While decoding, an SDPA model attends in runs of rows of similar length instead of every row over the "
+        "longest one (same outputs up to float rounding; pays when prompt lengths differ, see benchmarks/RESULTS.md)."
+    ))
 
 
 class DecodingConfig(Section):
@@ -256,6 +260,8 @@ class RLConfig(Section):
     eval_every: int = Field(30, ge=1, description="Evaluate on valid every E updates (paper: 30).")
     patience: int = Field(4, ge=1, description="Stop after this many evaluations without improvement (paper: 4).")
     checkpoint_every: int = Field(10, ge=1, description="Write a resumable checkpoint every N updates (and at every evaluation).")
+    keep_checkpoints: int = Field(2, ge=1, description=(
+        "Step checkpoints (rl/checkpoints/step_N) kept on disk, newest first; best/ and last/ are always kept."))
     learner_num_cpus: float = Field(1.0, ge=0, description="CPUs reserved by the Learner actor.")
     learner_num_gpus: float = Field(0.0, ge=0, description="GPUs reserved by the Learner actor (router backbone + heads).")
     learner_torch_threads: int = Field(0, ge=0, description=(

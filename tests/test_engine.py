@@ -279,6 +279,21 @@ def test_bucket_by_engine_scatters_back_in_order() -> None:
         buckets.scatter({**results, "qwen": ["x"]})
 
 
+def test_switching_off_prefix_cache_and_ragged_attention_keeps_the_outputs(make_tiny) -> None:
+    """candidates[].prefix_cache_mb = 0 and candidates[].ragged_attention = false reach the engine's parts, which
+    only change speed: greedy outputs stay the same."""
+    plain = LLMEngine.from_config(CandidateConfig(name="p", model="tiny-qwen2", dtype="float32", device="cpu",
+                                                  prefix_cache_mb=0, ragged_attention=False))
+    fast, _ = make_engine(make_tiny, "qwen2")
+    assert plain.prefix_cache is None and not plain.generator.ragged
+    assert fast.prefix_cache is not None and fast.generator.ragged
+    chats = CHATS + [CHATS[1] + [{"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"}]]
+    adapters = mixed_adapters(fast) + [None]
+    assert [g.token_ids for g in plain.generate(chats, adapters, max_new_tokens=6)] == \
+        [g.token_ids for g in fast.generate(chats, adapters, max_new_tokens=6)]
+    assert plain.reused_tokens == 0
+
+
 def test_from_config_and_info(make_tiny) -> None:
     engine = LLMEngine.from_config(CandidateConfig(name="small", model="tiny-llama", dtype="float32", device="cpu"), 2)
     info = engine.info()

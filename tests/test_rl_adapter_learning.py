@@ -11,7 +11,9 @@ and once no letter is sampled the reward, and the signal, is gone (seen on one o
 reward is measured on held-out problems with greedy decoding, as evaluation does. The router has one
 candidate, so its decision is fixed and its backbone is left frozen (router_lr=0): what is under test is the
 generator path, rollout -> EngineActor.adapter_grads -> heads. That an update through the actors equals the
-in-process update is tests/test_rl_remote_update.py.
+in-process update is tests/test_rl_remote_update.py. The generator learning rate is 3e-3 (not the paper's 1e-5,
+which moves nothing in 100 updates of a test): at 1e-2 the held-out reward oscillated (0.0-0.78 after 100 updates
+in 6 of 8 runs over 4 seeds and both top-p samplers tried), at 3e-3 it reached 1.0 by update 50 in all 4 seeds.
 """
 
 import random
@@ -118,7 +120,7 @@ def test_adapters_learn_through_engine_actors(make_tiny, tmp_path, ray_session):
         task=TaskConfig(name="mmlu", roles=["student"]),
         candidates=[candidate],
         router=RouterConfig(backbone="tiny-llama", max_prompt_tokens=256, lora_alpha=1.0, lora_rank=4, hidden=64),
-        rl=RLConfig(router_lr=0.0, generator_lr=1e-2, batch_size=8, group_size=4, baseline="none"),
+        rl=RLConfig(router_lr=0.0, generator_lr=3e-3, batch_size=8, group_size=4, baseline="none"),
     )
     cfg.train_decoding.max_new_tokens = 1
     actor = EngineActor.options(num_cpus=0.5).remote(candidate, cfg.router.lora_layers)

@@ -41,6 +41,18 @@ class ScriptedEngine:
         return out
 
 
+def experts_config(rl: RLConfig) -> ExperimentConfig:
+    """One-round MMLU over the two scripted experts (closed: no heads), routed by a tiny random Llama."""
+    return ExperimentConfig(
+        seed=0,
+        task=TaskConfig(name="mmlu", max_rounds=1),
+        candidates=[CandidateConfig(name="astro", model="scripted", open_source=False),
+                    CandidateConfig(name="chef", model="scripted", open_source=False)],
+        router=RouterConfig(backbone="tiny-llama", max_prompt_tokens=256),
+        rl=rl,
+    )
+
+
 def scripted_clients(problems: list[Problem]) -> dict[str, LocalEngineClient]:
     return {"astro": LocalEngineClient(ScriptedEngine("astronomy", problems)),
             "chef": LocalEngineClient(ScriptedEngine("cooking", problems))}
@@ -63,14 +75,8 @@ def make_problems(n: int, seed: int) -> list[Problem]:
 @pytest.mark.slow
 def test_rl_router_reaches_oracle_on_held_out_problems():
     train, held_out = make_problems(32, seed=1), make_problems(16, seed=2)
-    cfg = ExperimentConfig(
-        seed=0,
-        task=TaskConfig(name="mmlu", max_rounds=1),
-        candidates=[CandidateConfig(name="astro", model="scripted", open_source=False),
-                    CandidateConfig(name="chef", model="scripted", open_source=False)],
-        router=RouterConfig(backbone="tiny-llama", max_prompt_tokens=256),
-        rl=RLConfig(router_lr=3e-3, generator_lr=0.0, batch_size=8, group_size=4, epochs=5, baseline="leave_one_out"),
-    )
+    cfg = experts_config(RLConfig(router_lr=3e-3, generator_lr=0.0, batch_size=8, group_size=4, epochs=5,
+                                  baseline="leave_one_out"))
     policy = HAPSPolicy.from_config(cfg)
     learner = JointLearner(policy, cfg.rl, total_steps=cfg.rl.epochs * len(train) // cfg.rl.batch_size)
     rollouts = LocalRollouts(cfg, scripted_clients(train + held_out))
@@ -110,14 +116,8 @@ def test_rl_trainer_with_the_default_baseline_learns_checkpoints_and_resumes(tmp
     from haps_ray.training import planned_steps
 
     train, valid = make_problems(32, seed=1), make_problems(16, seed=2)
-    cfg = ExperimentConfig(
-        seed=0,
-        task=TaskConfig(name="mmlu", max_rounds=1),
-        candidates=[CandidateConfig(name="astro", model="scripted", open_source=False),
-                    CandidateConfig(name="chef", model="scripted", open_source=False)],
-        router=RouterConfig(backbone="tiny-llama", max_prompt_tokens=256),
-        rl=RLConfig(router_lr=1e-3, batch_size=8, group_size=2, epochs=5, eval_every=4, patience=10),
-    )
+    cfg = experts_config(RLConfig(router_lr=1e-3, batch_size=8, group_size=2, epochs=5, eval_every=4, patience=10,
+                                  keep_checkpoints=3))
     assert cfg.rl.baseline == "batch_mean"
     total = planned_steps(len(train), cfg.rl.batch_size, cfg.rl.epochs, cfg.rl.max_steps)
     rollouts = LocalRollouts(cfg, scripted_clients(train + valid))
@@ -149,6 +149,9 @@ def test_rl_trainer_with_the_default_baseline_learns_checkpoints_and_resumes(tmp
     picks = best.router.greedy(valid)
     right = sum(cfg.candidates[d.z[1]].name == ("astro" if p.subject == "astronomy" else "chef") for d, p in zip(picks, valid))
     assert right / len(valid) >= 0.9
+    kept = sorted(int(p.name[5:]) for p in (tmp_path / "checkpoints").iterdir())
+    assert kept == [12, 16, 20]  # rl.keep_checkpoints = 3 newest step checkpoints, then best/ and last/
+    assert (tmp_path / "best").is_dir() and read_state(tmp_path / "last").finished
     done = len(logged)
     again = trainer().fit(train, valid, tmp_path, log=lambda m, step: logged.append(step))
     assert again["steps"] == total and len(logged) == done  # a finished run has nothing left to do

@@ -80,33 +80,21 @@ class EngineClient(Protocol):
 
 
 class LocalEngineClient:
-    """`EngineClient` over an object in this process with the engine's synchronous methods (an `LLMEngine`)."""
+    """`EngineClient` over an object in this process with the engine's synchronous methods (an `LLMEngine`); each
+    call runs when its result is first asked for. Arguments are those of `EngineClient`."""
 
     def __init__(self, engine: Any) -> None:
         self.engine = engine
 
-    def generate(
-        self,
-        messages: Sequence[Messages],
-        adapters: Sequence[Adapter | None] | None = None,
-        max_new_tokens: int = 256,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        stop: Sequence[str] | None = None,
-        seed: int | None = None,
-    ) -> Deferred[list[Generation]]:
-        return Deferred(lambda: self.engine.generate(messages, adapters, max_new_tokens, temperature, top_p, stop, seed))
+    def generate(self, messages: Sequence[Messages], adapters: Sequence[Adapter | None] | None = None,
+                 **sampling: Any) -> Deferred[list[Generation]]:
+        return Deferred(lambda: self.engine.generate(messages, adapters, **sampling))
 
-    def score(
-        self, messages: Sequence[Messages], completions: Sequence[Completion], adapters: Sequence[Adapter | None] | None = None
-    ) -> Deferred[list[list[float]]]:
-        return Deferred(lambda: self.engine.score(messages, completions, adapters))
+    def score(self, *args: Any) -> Deferred[list[list[float]]]:
+        return Deferred(lambda: self.engine.score(*args))
 
-    def adapter_grads(
-        self, messages: Sequence[Messages], completions: Sequence[Completion], adapters: Sequence[Adapter],
-        weights: Sequence[float],
-    ) -> Deferred[list[tuple[torch.Tensor, torch.Tensor]]]:
-        return Deferred(lambda: self.engine.adapter_grads(messages, completions, adapters, weights))
+    def adapter_grads(self, *args: Any) -> Deferred[list[tuple[torch.Tensor, torch.Tensor]]]:
+        return Deferred(lambda: self.engine.adapter_grads(*args))
 
 
 @runtime_checkable

@@ -79,7 +79,7 @@ class LLMEngine:
         """Load the candidate's weights (`haps_ray.models.load_model`) and wrap them."""
         model, tokenizer = load_model(candidate.model, dtype=candidate.dtype, device=candidate.device)
         return cls(model, tokenizer, candidate.name, lora_layers=lora_layers, max_batch_size=candidate.max_batch_size,
-                   prefix_cache_mb=candidate.prefix_cache_mb)
+                   prefix_cache_mb=candidate.prefix_cache_mb, ragged_attention=candidate.ragged_attention)
 
     # ---- what the engine is --------------------------------------------------------------------
 
@@ -138,32 +138,12 @@ class LLMEngine:
 
     # ---- the three calls -----------------------------------------------------------------------
 
-    def generate(
-        self,
-        messages: Sequence[Messages],
-        adapters: Sequence[Adapter | None] | None = None,
-        max_new_tokens: int = 256,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        stop: Sequence[str] | None = None,
-        seed: int | None = None,
-    ) -> list[Generation]:
-        """Decode every chat in `messages` with its own adapter; see `generator.py` for the outputs."""
-        return self.generate_tokens(self.encoder.encode_all(messages), adapters, max_new_tokens, temperature, top_p, stop, seed)
-
-    def generate_tokens(
-        self,
-        prompts: Sequence[list[int]],
-        adapters: Sequence[Adapter | None] | None = None,
-        max_new_tokens: int = 256,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        stop: Sequence[str] | None = None,
-        seed: int | None = None,
-    ) -> list[Generation]:
-        """`generate` for prompts already templated and tokenized (e.g. by `encode_prompt`)."""
-        return self._named(self.generator.generate, prompts, self._adapters(adapters, len(prompts)), max_new_tokens,
-                           temperature, top_p, stop, seed)
+    def generate(self, messages: Sequence[Messages], adapters: Sequence[Adapter | None] | None = None,
+                 **sampling: Any) -> list[Generation]:
+        """Decode every chat in `messages` with its own adapter (None = the base model). `sampling` takes
+        `max_new_tokens`, `temperature`, `top_p`, `stop`, `seed` as `Generator.generate` documents them."""
+        prompts = self.encoder.encode_all(messages)
+        return self._named(self.generator.generate, prompts, self._adapters(adapters, len(prompts)), **sampling)
 
     def score(
         self,
@@ -188,9 +168,9 @@ class LLMEngine:
     def _adapters(self, adapters: Sequence[Adapter | None] | None, n: int) -> list[Adapter | None]:
         return [None] * n if adapters is None else list(adapters)
 
-    def _named(self, call: Any, *args: Any) -> Any:
+    def _named(self, call: Any, *args: Any, **kwargs: Any) -> Any:
         """Run a part's call; a ValueError about the request names this engine."""
         try:
-            return call(*args)
+            return call(*args, **kwargs)
         except ValueError as err:
             raise ValueError(f"engine {self.name!r}: {err}") from None

@@ -15,7 +15,7 @@ sharded over RolloutWorker actors in `actors/rollout.py`). One step:
 The loop: epochs over the train split in `haps_ray.training.epoch_order`; every `rl.eval_every` updates (and at the
 start and the end) the greedy policy is evaluated on valid with greedy decoding, a checkpoint is written, the best
 is kept as `best/` and the callback is called; `rl.patience` evaluations without improvement stop the run.
-Checkpoints are also written every `rl.checkpoint_every` updates; only the newest `keep_checkpoints` step
+Checkpoints are also written every `rl.checkpoint_every` updates; only the newest `rl.keep_checkpoints` step
 checkpoints stay. A rerun resumes from the newest checkpoint (policy, optimiser, schedule, data position).
 """
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -150,11 +149,9 @@ def rl_step(learner: Learner, batch: Sequence[Any], cfg: RLConfig, rollouts: Rol
 class RLTrainer:
     """The RL loop over a learner and its rollouts; see the module docstring."""
 
-    def __init__(self, cfg: ExperimentConfig, learner: Learner, rollouts: Rollouts, total_steps: int,
-                 keep_checkpoints: int = 2) -> None:
+    def __init__(self, cfg: ExperimentConfig, learner: Learner, rollouts: Rollouts, total_steps: int) -> None:
         self.cfg, self.learner, self.rollouts = cfg, learner, rollouts
         self.total_steps = total_steps
-        self.keep_checkpoints = keep_checkpoints
         self.state = TrainerState()
 
     def evaluate(self, problems: Sequence[Any], prefix: str, seed: int = 0) -> tuple[dict[str, float], list[EpisodeResult]]:
@@ -225,10 +222,7 @@ class RLTrainer:
 
     def _save(self, path: Path, metrics: dict[str, Any], ckpts: Checkpoints) -> Path:
         saved = save_checkpoint(path, lambda tmp: self.learner.save(str(tmp)), self.cfg, metrics, self.state)
-        steps = sorted((p for p in (ckpts.root / "checkpoints").glob("step_*") if p.is_dir() and p.name[5:].isdigit()),
-                       key=lambda p: int(p.name[5:]))
-        for old in steps[:-self.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
+        ckpts.prune(self.cfg.rl.keep_checkpoints)
         return saved
 
     def _summary(self, ckpts: Checkpoints) -> dict[str, Any]:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -332,8 +331,7 @@ class SFTTrainer:
                         metrics["valid/best_fixed_score"], metrics["valid/best_fixed_label_acc"])
             improved = state.record_evaluation(metrics["valid/score"], patience=None)
         path = save_checkpoint(ckpts.step(state.step), self.save, experiment, metrics, state)
-        for old in sorted(ckpts.step(0).parent.glob("step_*"), key=lambda p: int(p.name[5:]))[:-2]:
-            shutil.rmtree(old, ignore_errors=True)
+        ckpts.prune(keep=1)  # SFT resumes from its newest evaluation; best/ and last/ hold the rest
         if improved:
             save_checkpoint(ckpts.best, self.save, experiment, {**metrics, "selection": "best valid score"}, state)
         if callback is not None and evaluate is not None:

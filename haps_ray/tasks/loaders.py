@@ -164,7 +164,7 @@ def parse_hf_source(source: str) -> tuple[str, str | None, str]:
 def _hf_records(source: str, task: str) -> Iterator[Record]:
     name, config, split = parse_hf_source(source)
     if importlib.util.find_spec("datasets") is None:
-        raise LoaderError(f"{source}: loading from the HF hub needs the `datasets` package (pip install datasets)")
+        raise LoaderError(f"{source}: loading from the HF hub needs the `datasets` package (pip install 'haps-ray[hf]')")
     import datasets  # optional dependency, only for hf: sources
 
     config = config or {"hotpotqa": "distractor", "mmlu": "all"}[task]
