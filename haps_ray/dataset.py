@@ -31,7 +31,7 @@ from haps_ray.engine.client import EngineClient, RetrieverClient
 from haps_ray.episodes import EpisodeResult, EpisodeRunner
 from haps_ray.rl.cost import CostNormalizer, PriceTable
 from haps_ray.rl.rewards import combine_reward
-from haps_ray.tasks import Problem, make_episode
+from haps_ray.tasks import CallRecord, Problem, Retrieval, make_episode
 
 logger = logging.getLogger(__name__)
 
@@ -202,6 +202,13 @@ def episode_row(result: EpisodeResult, spec: BatchSpec, z: tuple[int, ...], cfg:
         "temperature": cfg.eval_decoding.temperature, "top_p": cfg.eval_decoding.top_p, "seed": spec.seed,
         "batch_id": spec.batch_id,
     }
+
+
+def trajectory(row: Mapping[str, object]) -> tuple[list[CallRecord], list[Retrieval], int]:
+    """The typed records of a D row's `trajectory` column: (calls, retrievals, lock-step steps)."""
+    data = json.loads(str(row["trajectory"]))
+    return ([CallRecord.from_dict(c) for c in data["calls"]], [Retrieval.from_dict(r) for r in data.get("retrievals", [])],
+            int(data["n_steps"]))
 
 
 def run_batch(spec: BatchSpec, engines: Mapping[str, EngineClient], cfg: ExperimentConfig, checksums: Sequence[str],

@@ -225,3 +225,24 @@ def test_static_baselines_are_exact(tmp_path):
 def test_labels_refuse_missing_reward():
     with pytest.raises(ValueError, match="with_reward"):
         static_baselines(hand_made_d())
+
+
+def test_d_written_before_the_typed_records_still_reads(tmp_path):
+    """Rows committed by the code before CallRecord/ErrorKind (the demo's D, commit 4767535) read as D and their
+    trajectories as typed records, whose serialisation is the stored JSON again."""
+    import json
+    import shutil
+
+    from tests.helpers import FIXTURES
+
+    split = tmp_path / "D" / "split=valid"
+    split.mkdir(parents=True)
+    shutil.copy(FIXTURES / "d_written_before_typed_records.parquet", split / "part-old.parquet")
+    d, dropped = D.read_d(str(tmp_path / "D"))
+    assert d.num_rows == 2 and dropped == 0 and d.schema.equals(D.D_SCHEMA, check_metadata=False)
+    for row in d.to_pylist():
+        calls, retrievals, steps = D.trajectory(row)
+        assert len(calls) == row["n_calls"] > 0 and retrievals == [] and steps >= 1
+        assert sum(c.n_input_tokens for c in calls) == row["n_input_tokens"]
+        assert [c.engine for c in calls] == [row["z_names"][row["roles"].index(c.role)] for c in calls]
+        assert [c.to_dict() for c in calls] == json.loads(row["trajectory"])["calls"]

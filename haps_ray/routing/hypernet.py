@@ -1,7 +1,7 @@
 """Low-level router: hypernetwork heads that write a per-input LoRA adapter for each open candidate.
 
 Head γ_m of open candidate m maps the pooled router features f(x) (mask-mean of the backbone's final
-hidden states, `PromptState.pooled`) to LoRA factors for `o_proj` of m's last k decoder layers:
+hidden states, `TargetScores.pooled`) to LoRA factors for `o_proj` of m's last k decoder layers:
 
     h = MLP(f(x))                 mlp_layers × (Linear(hidden) + ReLU)
     A = out_A(h) -> (k, r, d_in)  down-projection (peft naming, see haps_ray/lora.py)
