@@ -4,7 +4,7 @@ log p(y) = logit[y] - logsumexp(logits), computed for a chunk of rows at a time 
 logits too), so no (rows, vocabulary) float copy of the whole batch ever exists. `head_log_probs` goes further for
 the gradient path: it applies the LM head itself, chunk by chunk, under activation checkpointing, so neither the
 logits nor the log-softmax of a batch are kept for the backward pass (each chunk's logits are recomputed there).
-At batch 32 x 257 positions x a 128k vocabulary, full fp32 logits alone are ~4 GB; a chunk of 256 rows is 128 MB.
+At batch 32 x 257 positions x a 128k vocabulary, full fp32 logits alone are ~4 GB; a chunk of 128 rows is 64 MB.
 
     logp = selective_log_softmax(logits, tokens)                   # logits (N, V), tokens (N,) -> (N,)
     logp = head_log_probs(hidden, model.get_output_embeddings(), targets)   # hidden (N, d): gradients flow
@@ -16,9 +16,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-# Rows per chunk: bounds the float32 (rows, vocabulary) block that exists at once (256 x 128k x 4 B = 128 MiB);
-# a 256-row head product is still a large matrix multiply (256 x d x V) on any device.
-CHUNK_ROWS = 256
+# Rows per chunk: bounds the float32 (rows, vocabulary) block that exists at once (128 x 128k x 4 B = 64 MiB);
+# a 128-row head product is still a large matrix multiply (128 x d x V) on any device.
+CHUNK_ROWS = 128
 
 
 def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
