@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from haps_ray.config import ExperimentConfig, save_config
+from haps_ray.routing.policy import HAPSPolicy
 from haps_ray.training import TrainerState
 
 OPTIMIZER_FILE = "optimizer.pt"
@@ -46,6 +47,22 @@ def read_optimizer_state(path: str | Path) -> dict[str, Any]:
     if not file.is_file():
         raise FileNotFoundError(f"{path}: no {OPTIMIZER_FILE} (a policy without trainer state cannot resume training)")
     return torch.load(file, weights_only=False)
+
+
+def save_training(path: str | Path, policy: Any, optimizer: torch.optim.Optimizer, scheduler: Any, **extra: Any) -> None:
+    """A trainer's policy, optimiser and LR schedule (plus `extra` counters) into checkpoint directory `path`."""
+    write_policy(policy, path, {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **extra})
+
+
+def restore_training(path: str | Path, policy: Any, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
+    """Load what `save_training` wrote into an existing policy (same shapes), optimiser and schedule; returns the
+    saved state (with the `extra` counters)."""
+    saved = HAPSPolicy.load(path, device=str(policy.router.device))
+    policy.load_state_dict(saved.state_dict(), strict=True)
+    state = read_optimizer_state(path)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return state
 
 
 def read_state(path: str | Path) -> TrainerState:

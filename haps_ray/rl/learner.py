@@ -28,11 +28,10 @@ from typing import Any
 
 import torch
 
-from haps_ray.checkpoint import read_optimizer_state, write_policy
+from haps_ray.checkpoint import restore_training, save_training
 from haps_ray.config import RLConfig
 from haps_ray.lora import Adapter
 from haps_ray.rl.losses import backward_joint, router_pg_loss
-from haps_ray.routing.policy import HAPSPolicy
 from haps_ray.routing.prompt import problem_id
 
 AdapterGrads = Mapping[str, tuple[torch.Tensor, torch.Tensor]]  # candidate name -> (dA, dB)
@@ -160,22 +159,11 @@ class JointLearner:
             out[f"grad_norm/{group['name']}"] = math.sqrt(sq)
         return out
 
-    def state_dict(self) -> dict[str, Any]:
-        """Optimiser, schedule and step (the policy's weights are saved by `policy.save`)."""
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "step": self.step}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step = int(state["step"])
-
     def save(self, path: str) -> None:
-        """Policy weights and optimiser state into checkpoint directory `path` (`haps_ray.checkpoint` layout)."""
-        write_policy(self.policy, path, self.state_dict())
+        """Policy weights, optimiser, schedule and update count into checkpoint directory `path`."""
+        save_training(path, self.policy, self.optimizer, self.scheduler, step=self.step)
 
     def restore(self, path: str) -> None:
-        """Weights and optimiser state of a checkpoint written by `save`, into this learner (same shapes)."""
-        saved = HAPSPolicy.load(path, device=str(self.policy.router.device))
-        self.policy.load_state_dict(saved.state_dict(), strict=True)
-        self.load_state_dict(read_optimizer_state(path))
+        """What `save` wrote, into this learner (same shapes)."""
+        self.step = int(restore_training(path, self.policy, self.optimizer, self.scheduler)["step"])
         self._proposed = None

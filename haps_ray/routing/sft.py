@@ -34,11 +34,10 @@ import pyarrow as pa
 import torch
 from transformers import get_cosine_schedule_with_warmup
 
-from haps_ray.checkpoint import Checkpoints, read_metrics, read_optimizer_state, read_state, save_checkpoint, write_policy
+from haps_ray.checkpoint import Checkpoints, read_metrics, read_state, restore_training, save_checkpoint, save_training
 from haps_ray.config import ExperimentConfig, SFTConfig
 from haps_ray.dataset_labels import TIE_TOL
 from haps_ray.metrics import Progress
-from haps_ray.routing.policy import HAPSPolicy
 from haps_ray.routing.prompt import RoutingSpec
 from haps_ray.training import EvaluationCallback, TrainerState, epoch_progress, next_batch
 
@@ -247,20 +246,11 @@ class SFTTrainer:
         self.scheduler.step()
         return {"sft/loss": loss.item(), "sft/grad_norm": grad_norm.item(), "sft/lr": lr}
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-
     def save(self, path: Path) -> None:
-        write_policy(self.policy, path, self.state_dict())
+        save_training(path, self.policy, self.optimizer, self.scheduler)
 
     def restore(self, path: Path) -> None:
-        saved = HAPSPolicy.load(path, device=str(self.policy.router.device))
-        self.policy.load_state_dict(saved.state_dict(), strict=True)
-        self.load_state_dict(read_optimizer_state(path))
+        restore_training(path, self.policy, self.optimizer, self.scheduler)
         self.state = read_state(path)
 
     def fit(
