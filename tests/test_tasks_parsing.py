@@ -88,6 +88,16 @@ MMLU_STUDENT_CASES = [
     ("I first thought the answer is A, but on reflection the answer is B.", "B"),  # the last statement wins
     ("Reasoning about orbits...\nB", "B"),  # a lone letter line
     ("Solution: closest planet\nAnswer: Mercury", "B"),  # the text of a choice
+    # final-answer forms an independent check found missed
+    ("Mercury is nearest.\nFinal: B", "B"),
+    ("After weighing them, I choose B.", "B"),
+    ("answer: I think c", "C"),
+    ("The correct option is D, since Mars is red.", "D"),
+    ("I'll go with (a)", "A"),
+    ("My answer would be C.", "C"),
+    ("So the answer is b.", "B"),
+    ("Answer: it's probably A", "A"),
+    ("Option B looks tempting, but I pick C", "C"),  # the last commitment wins
 ]
 
 
@@ -101,6 +111,8 @@ def test_mmlu_student(text, letter):
     "",
     "Answer: E",
     "the answer is a bit unclear to me",  # lower-case 'a' inside prose is not a letter
+    "I choose a path through the options and give up.",  # nor after a commitment phrase
+    "My answer would be different if I knew more.",
     "Answer: Pluto",
     "I cannot decide.",
 ])

@@ -22,10 +22,17 @@ _HOTPOT_ACTION = re.compile(
 )
 _TEACHER_HOTPOT = re.compile(r"\[?[ \t]*\b(continue|rethink)\b[ \t]*\]?", re.I)
 _TEACHER_MMLU = re.compile(r"\[?[ \t]*\b(submit|continue)\b[ \t]*\]?", re.I)
-# a letter after "answer": in parentheses (any case), upper-case, or lower-case closing its line
+# A committed letter: a commitment phrase ("answer", "final", "I choose", "I'll go with", "the correct option is",
+# "my answer would be", ...), optional hedges ("I think", "it's", "so"), optional "option"/"choice"/"letter", then the
+# letter: in parentheses (any case), upper-case, or lower-case closing its clause. A lower-case letter inside prose
+# ("the answer is a bit unclear") is not one.
+_COMMIT = (r"(?i:final(?:[ \t]+answer)?|answer|i[ \t]+(?:choose|pick|select)|i(?:'ll|[ \t]+will)[ \t]+(?:go[ \t]+with|choose|pick)"
+           r"|(?:correct|right|best)[ \t]+(?:answer|option|choice)|my[ \t]+(?:answer|choice|pick))")
+_HEDGES = r"(?i:(?:i[ \t]+think|i[ \t]+believe|probably|likely|definitely|it'?s|it[ \t]+is|therefore|so|then)[ \t,]*)*"
 _ANSWER_LETTER = re.compile(
-    r"(?i:answer)[ \t]*(?:(?i:is)[ \t]*)?(?:[:\-=][ \t]*)?(?:option[ \t]*|choice[ \t]*)?"
-    r"(?:\([ \t]*(?P<par>[A-Da-d])[ \t]*\)|(?P<up>[A-D])\b|(?P<low>[a-d])(?=[ \t]*[).]?[ \t]*$))",
+    _COMMIT + r"[ \t]*(?:(?i:is|would[ \t]+be|will[ \t]+be|should[ \t]+be)[ \t]*)?(?:[:\-=][ \t]*)?" + _HEDGES
+    + r"(?:(?i:option|choice|letter)[ \t]*)?"
+    r"(?:\([ \t]*(?P<par>[A-Da-d])[ \t]*\)|(?P<up>[A-D])\b|(?P<low>[a-d])(?=[ \t]*[).,;!]?[ \t]*$))",
     re.M,
 )
 _LONE_LETTER = re.compile(r"^[ \t]*\(?(?P<letter>[A-D])\)?[.)]?[ \t]*$", re.M)
