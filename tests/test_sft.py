@@ -306,3 +306,16 @@ def test_sft_pipeline_learns_a_keyword_rule_and_keeps_the_best_checkpoint(tmp_pa
     assert best["valid/label_acc"] == accuracy
     assert best["valid/score"] == pytest.approx(sum(TOY_REWARD[p.subject][pick] for pick, p in zip(picks, valid)))
     assert best["valid/best_fixed_label_acc"] == 0.5
+
+
+def test_micro_batches_make_the_same_update_as_the_whole_batch():
+    examples = [SFTExample(f"p{i}", problem(f"p{i}", f"Which star is number {i}?"), (i % 2, 1 - i % 2)) for i in range(6)]
+    whole, split = tiny_policy(seed=4), tiny_policy(seed=4)
+    cfg = SFTConfig(lr=1e-3, warmup_ratio=0.0)
+    a = SFTTrainer(whole, cfg, total_steps=1).update(examples)
+    b = SFTTrainer(split, SFTConfig(lr=1e-3, warmup_ratio=0.0, micro_batch_size=4), total_steps=1).update(examples)
+    assert a["sft/loss"] == pytest.approx(b["sft/loss"], abs=1e-6) and a["sft/grad_norm"] == pytest.approx(b["sft/grad_norm"], rel=1e-5)
+    moved = [not torch.equal(p, q) for p, q in zip(whole.parameters(), tiny_policy(seed=4).parameters())]
+    assert any(moved)
+    for (name, p), q in zip(whole.named_parameters(), split.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=name)

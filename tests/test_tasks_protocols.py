@@ -95,6 +95,19 @@ def test_finish_is_reviewed_and_rethink_sends_student_back(hotpot):
     assert ep.done and ep.final_answer == "the Vesna River" and len(ep.calls) == 4
 
 
+def test_passage_titles_false_shows_the_sentences_alone(hotpot):
+    ep = make_episode(TaskConfig(name="hotpotqa", passage_titles=False), hotpot, Z)
+    ep.advance("Thought: where is the tower?\nAction: Search[Arlen Clock Tower]")
+    title, text = paragraph(hotpot, "Arlen Clock Tower")
+    ep.receive_retrieval([(title, text)])
+    teacher = user_prompt(ep)
+    assert f"returned:\n{text}" in teacher and f"[{title}] {text}" not in teacher
+    titled = make_episode(TaskConfig(name="hotpotqa"), hotpot, Z)
+    titled.advance("Thought: where is the tower?\nAction: Search[Arlen Clock Tower]")
+    titled.receive_retrieval([(title, text)])
+    assert f"[{title}] {text}" in user_prompt(titled)
+
+
 def test_memories_hold_summary_and_latest_retrieval(hotpot):
     ep = HotpotQAEpisode(hotpot, Z, search_budget=3)
     ep.advance("Thought: where is the tower?\nSummary: Need the tower's city.\nAction: Search[Arlen Clock Tower]")

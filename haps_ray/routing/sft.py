@@ -237,14 +237,20 @@ class SFTTrainer:
         return -(sums / counts).mean()
 
     def update(self, batch: Sequence[SFTExample]) -> dict[str, float]:
+        """One optimiser step on `batch`, in micro-batches of `micro_batch_size` whose gradients add up to the batch's."""
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss(batch)
-        loss.backward()
+        size = self.cfg.micro_batch_size or len(batch)
+        total = 0.0
+        for start in range(0, len(batch), size):
+            part = batch[start:start + size]
+            loss = self.loss(part) * (len(part) / len(batch))  # the batch mean, piece by piece
+            loss.backward()
+            total += loss.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
-        return {"sft/loss": loss.item(), "sft/grad_norm": grad_norm.item(), "sft/lr": lr}
+        return {"sft/loss": total, "sft/grad_norm": grad_norm.item(), "sft/lr": lr}
 
     def save(self, path: Path) -> None:
         save_training(path, self.policy, self.optimizer, self.scheduler)

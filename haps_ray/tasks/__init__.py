@@ -13,12 +13,14 @@ from haps_ray.config import TaskConfig
 from haps_ray.tasks.hotpotqa import HotpotQAEpisode
 from haps_ray.tasks.loaders import load_problems
 from haps_ray.tasks.mmlu import MMLUEpisode
-from haps_ray.tasks.problem import LoaderError, LoadReport, Problem, RecordError, problems_to_table, sample_problems
+from haps_ray.tasks.problem import (
+    LoaderError, LoadReport, Problem, RecordError, problems_to_table, sample_problems, select_levels,
+)
 from haps_ray.tasks.protocol import CallRecord, Episode, ErrorKind, PendingCall, Retrieval
 
 __all__ = [
     "CallRecord", "Episode", "ErrorKind", "HotpotQAEpisode", "LoadReport", "LoaderError", "MMLUEpisode", "PendingCall", "Problem",
-    "RecordError", "Retrieval", "load_problems", "make_episode", "problems_to_table", "sample_problems",
+    "RecordError", "Retrieval", "load_problems", "make_episode", "problems_to_table", "sample_problems", "select_levels",
 ]
 
 
@@ -28,5 +30,6 @@ def make_episode(task: TaskConfig, problem: Problem, assignment: dict[str, str],
     if problem.task != task.name:
         raise ValueError(f"problem {problem.id} is a {problem.task} problem, the task is {task.name}")
     if task.name == "hotpotqa":
-        return HotpotQAEpisode(problem, assignment, adapters, search_budget=task.search_budget)
+        return HotpotQAEpisode(problem, assignment, adapters, search_budget=task.search_budget,
+                               passage_titles=task.passage_titles)
     return MMLUEpisode(problem, assignment, adapters, max_rounds=task.max_rounds)

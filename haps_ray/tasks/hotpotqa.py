@@ -90,13 +90,14 @@ class HotpotQAEpisode(Episode):
     stop = ("\nObservation:",)  # the model must not invent what the retriever returns
 
     def __init__(self, problem: Problem, assignment: dict[str, str], adapters: dict[str, Any] | None = None,
-                 search_budget: int = 3) -> None:
+                 search_budget: int = 3, passage_titles: bool = True) -> None:
         super().__init__(problem, assignment, adapters)
         for role in ("student", "teacher"):
             self.engine_for(role)
         if search_budget < 0:
             raise ValueError(f"search_budget must be >= 0, got {search_budget}")
         self.budget = search_budget
+        self.passage_titles = passage_titles
         self.max_student_turns = search_budget + 2
         self.searches = 0
         self.student_turns = 0
@@ -118,7 +119,7 @@ class HotpotQAEpisode(Episode):
     def receive_retrieval(self, passages: list[tuple[str, str]]) -> None:
         if self.query is None:
             raise RuntimeError(f"episode {self.problem.id}: no search is waiting for passages")
-        text = "\n".join(f"[{title}] {body}" for title, body in passages) or "(nothing found)"
+        text = "\n".join(f"[{title}] {body}" if self.passage_titles else body for title, body in passages) or "(nothing found)"
         note = f"Search[{self.query}] returned:\n{text}"
         self.retrieved.append(Retrieval(self.query, list(passages)))
         self.unseen = {"student": note, "teacher": note}

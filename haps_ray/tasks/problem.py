@@ -127,6 +127,11 @@ def _equal_shares(sizes: dict[str, int], n: int, rng: random.Random) -> dict[str
     return quota
 
 
+def select_levels(problems: Sequence[Problem], levels: Sequence[str]) -> list[Problem]:
+    """The problems whose `level` is one of `levels` (HotpotQA easy / medium / hard); every problem when empty."""
+    return [p for p in problems if p.level in levels] if levels else list(problems)
+
+
 def sample_problems(problems: Sequence[Problem], n: int, seed: int, stratify: bool = False) -> list[Problem]:
     """Seeded sample of n problems (n <= 0 or n >= len keeps all, shuffled).
 
