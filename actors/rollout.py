@@ -7,7 +7,8 @@ driver has turned rewards into advantages it asks the engines for the adapter gr
 seeds derive from the run seed, the step and the worker index, so a run is reproducible.
 
     workers = RolloutWorkerGroup(cfg, pool, normalizer, retriever, count=cfg.rl.num_rollout_workers)
-    results = workers.run(problems, plans, seed, phase="train"); grads = workers.gradients(results, plans, weights)
+    results = workers.run(problems, plans, seed, phase="train")
+    grads = workers.gradients(trajectories(results), plans, weights)
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from haps_ray.episodes import EpisodeResult
 from haps_ray.rl.cost import CostNormalizer
 from haps_ray.rl.learner import Plan
 from haps_ray.rl.trainer import LocalRollouts
+from haps_ray.tasks import CallRecord
 
 
 @ray.remote(num_cpus=0)
@@ -38,8 +40,9 @@ class RolloutWorker:
     def run(self, problems: Sequence[Any], plans: Sequence[Plan], seed: int, phase: str) -> list[EpisodeResult]:
         return self.rollouts.run(problems, plans, seed * 1009 + self.worker_index, phase)
 
-    def gradients(self, results: Sequence[EpisodeResult], plans: Sequence[Plan], weights: Sequence[float]) -> list[dict]:
-        return self.rollouts.gradients(results, plans, weights)
+    def gradients(self, calls: Sequence[Sequence[CallRecord] | None], plans: Sequence[Plan],
+                  weights: Sequence[float]) -> list[dict]:
+        return self.rollouts.gradients(calls, plans, weights)
 
     def health(self) -> dict[str, Any]:
         return {"ok": True, "worker_index": self.worker_index,
@@ -71,9 +74,10 @@ class RolloutWorkerGroup:
         refs = [w.run.remote([problems[i] for i in r], [plans[i] for i in r], seed, phase) for w, r in zip(self.workers, parts)]
         return [res for chunk in ray.get(refs) for res in chunk]
 
-    def gradients(self, results: Sequence[EpisodeResult], plans: Sequence[Plan], weights: Sequence[float]) -> list[dict]:
-        parts = shards(len(results), len(self.workers))
-        refs = [w.gradients.remote([results[i] for i in r], [plans[i] for i in r], [weights[i] for i in r])
+    def gradients(self, calls: Sequence[Sequence[CallRecord] | None], plans: Sequence[Plan],
+                  weights: Sequence[float]) -> list[dict]:
+        parts = shards(len(calls), len(self.workers))
+        refs = [w.gradients.remote([calls[i] for i in r], [plans[i] for i in r], [weights[i] for i in r])
                 for w, r in zip(self.workers, parts)]
         return [g for chunk in ray.get(refs) for g in chunk]
 

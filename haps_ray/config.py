@@ -264,12 +264,18 @@ class RLConfig(Section):
     epochs: int = Field(3, ge=0, description="Passes over the RL train set (paper: 3).")
     batch_size: int = Field(8, ge=1, description="Problems per update.")
     group_size: int = Field(1, ge=1, description="G rollouts per problem (leave-one-out baseline needs G >= 2).")
+    objective: Literal["reinforce", "reward_weighted", "both"] = Field("reinforce", description=(
+        "reinforce: paper eq. 9 on the rollouts (advantage-weighted log π(z|x) and token log-likelihoods); "
+        "reward_weighted: paper eq. 5 on the batch problems' rows of D (every z, weighted by its D reward, its stored "
+        "trajectory teacher-forced under the adapters the heads now write); both: their sum."))
     baseline: Literal["batch_mean", "leave_one_out", "none"] = Field("batch_mean",
                                                                      description="Advantage baseline ('none' = authors' code).")
     normalize_advantage: bool = Field(False, description="Divide advantages by their std.")
     reinforce_router: bool = Field(True, description="Include −adv·log π(z|x) (false reproduces the authors' code).")
     num_rollout_workers: int = Field(1, ge=1, description="Parallel RolloutWorker actors.")
-    eval_every: int = Field(30, ge=1, description="Evaluate on valid every E updates (paper: 30).")
+    eval_every_questions: int = Field(30, ge=1, description=(
+        "Evaluate on valid each time this many more train questions have been used (paper: 30); an update uses "
+        "rl.batch_size questions (x group_size rollouts)."))
     patience: int = Field(4, ge=1, description="Stop after this many evaluations without improvement (paper: 4).")
     checkpoint_every: int = Field(10, ge=1, description="Write a resumable checkpoint every N updates (and at every evaluation).")
     keep_checkpoints: int = Field(2, ge=1, description=(
@@ -281,6 +287,10 @@ class RLConfig(Section):
         "The engines idle while the learner proposes and updates, so a CPU run can lend it every core."
     ))
     max_steps: int = Field(0, ge=0, description="Stop after this many updates (0 = run all epochs); handy for smoke runs.")
+    n_train: int = Field(0, ge=0, description=(
+        "RL trains on a seeded sample of this many of the train split's problems (the paper: 300 of D's problems); "
+        "0 = all of them."))
+    n_valid: int = Field(0, ge=0, description="RL evaluates on a seeded sample of this many valid problems; 0 = all.")
 
     @model_validator(mode="after")
     def _baseline_fits_group(self) -> RLConfig:

@@ -204,6 +204,26 @@ def episode_row(result: EpisodeResult, spec: BatchSpec, z: tuple[int, ...], cfg:
     }
 
 
+@dataclass
+class StoredEpisode:
+    """One row of D as the reward-weighted RL objective reads it: the assignment, its reward, its calls."""
+
+    z: tuple[int, ...]
+    reward: float
+    calls: list[CallRecord]
+
+
+def stored_episodes(table: pa.Table, split: str = "train") -> dict[str, list[StoredEpisode]]:
+    """problem_id -> every z's row of `split` (the table must carry the derived `reward`, see `with_reward`)."""
+    if "reward" not in table.column_names:
+        raise ValueError("D lacks the derived 'reward' column; call haps_ray.dataset.with_reward first")
+    out: dict[str, list[StoredEpisode]] = {}
+    for row in table.filter(pc.equal(table.column("split"), split)).to_pylist():
+        calls, _, _ = trajectory(row)
+        out.setdefault(row["problem_id"], []).append(StoredEpisode(tuple(row["z"]), float(row["reward"]), calls))
+    return out
+
+
 def trajectory(row: Mapping[str, object]) -> tuple[list[CallRecord], list[Retrieval], int]:
     """The typed records of a D row's `trajectory` column: (calls, retrievals, lock-step steps)."""
     data = json.loads(str(row["trajectory"]))

@@ -27,6 +27,7 @@ class TrainerState:
     step: int = 0  # updates made
     epoch: int = 0  # current pass over the data
     position: int = 0  # examples of this epoch's order already used
+    questions: int = 0  # examples used over the whole run (RL evaluates every rl.eval_every_questions of them)
     best_score: float | None = None
     best_step: int | None = None
     bad_evals: int = 0  # evaluations since the last improvement

@@ -4,7 +4,7 @@
     ray job submit --working-dir . -- python -m pipelines.train --config tune_configs/mmlu_llama_qwen.yaml
 
 This module only places the actors and hands them to `haps_ray.rl.trainer.RLTrainer`, which owns the loop (epochs,
-evaluation every `rl.eval_every` updates, patience, checkpoints and resume; see there). Finally the best checkpoint
+evaluation every `rl.eval_every_questions` train questions, patience, checkpoints and resume; see there). Finally the best checkpoint
 is evaluated once on test. Rerunning the same command resumes from the newest checkpoint (`--fresh` starts over).
 
 Outputs under <run_dir>/rl/: metrics/metrics.jsonl (+ TensorBoard), checkpoints/step_N, best/, last/, summary.json.
@@ -22,14 +22,33 @@ from typing import Any
 
 from actors.engine import EnginePool
 from actors.rl import RLActors
+from haps_ray import dataset as D
 from haps_ray import storage
 from haps_ray.config import ExperimentConfig
 from haps_ray.metrics import MetricsLogger
 from haps_ray.rl.trainer import RLTrainer
+from haps_ray.tasks import Problem, sample_problems
 from haps_ray.training import EvaluationCallback, planned_steps
 from pipelines import common
 
 logger = logging.getLogger("pipelines.train")
+
+
+def rl_splits(cfg: ExperimentConfig) -> tuple[list[Problem], list[Problem]]:
+    """RL's train and valid problems: seeded samples of `rl.n_train` / `rl.n_valid` of the splits D was built on (the
+    paper: RL on 300 / 100 of them), or all of them."""
+    return (sample_problems(common.load_split(cfg, "train"), cfg.rl.n_train, cfg.task.seed),
+            sample_problems(common.load_split(cfg, "valid"), cfg.rl.n_valid, cfg.task.seed))
+
+
+def stored_train_rows(cfg: ExperimentConfig) -> dict[str, list[D.StoredEpisode]]:
+    """The train split's rows of D with their rewards (λ applied, frozen normaliser), for the reward-weighted objective."""
+    uri = storage.join(common.dataset_dir(cfg), "D")
+    table, _ = D.read_d(uri, ["train"])
+    if table.num_rows == 0:
+        raise FileNotFoundError(f"rl.objective={cfg.rl.objective} reads D's train rows, but {uri} has none "
+                                "(run pipelines.build_dataset first)")
+    return D.stored_episodes(D.with_reward(table, cfg.reward, common.load_normalizer(cfg)), "train")
 
 
 def train(cfg: ExperimentConfig, run_dir: str, init_policy: str | None = None, fresh: bool = False,
@@ -42,14 +61,14 @@ def train(cfg: ExperimentConfig, run_dir: str, init_policy: str | None = None, f
     out = Path(run_dir) / "rl"
     if fresh and out.exists():
         shutil.rmtree(out)
-    train_set = common.load_split(cfg, "train")
-    valid_set = common.load_split(cfg, "valid")
+    train_set, valid_set = rl_splits(cfg)
     test_set = common.load_split(cfg, "test") if cfg.task.test_path else []
     total_steps = planned_steps(len(train_set), cfg.rl.batch_size, cfg.rl.epochs, cfg.rl.max_steps)
+    stored = stored_train_rows(cfg) if cfg.rl.objective != "reinforce" else None
     actors = RLActors(cfg, common.load_normalizer(cfg), pool)
     metrics_log = MetricsLogger(out / "metrics")
     try:
-        trainer = RLTrainer(cfg, actors.learner(cfg, total_steps, init_policy), actors.rollouts, total_steps)
+        trainer = RLTrainer(cfg, actors.learner(cfg, total_steps, init_policy), actors.rollouts, total_steps, stored)
         summary = trainer.fit(train_set, valid_set, out, log=metrics_log.log, callback=callback)
         if test_set:
             summary["test"] = trainer.test(test_set, out)

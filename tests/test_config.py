@@ -128,7 +128,7 @@ def test_readme_config_reference_is_current():
         (lambda: CandidateConfig(name="a", model="x", device="tpu"), "device"),
         (lambda: CandidateConfig(name="a"), "model"),
         (lambda: RLConfig(learner_num_cpus=-1), "learner_num_cpus"),
-        (lambda: RLConfig(eval_every=0), "eval_every"),
+        (lambda: RLConfig(eval_every_questions=0), "eval_every_questions"),
         (lambda: RLConfig(batch_size=0), "batch_size"),
         (lambda: RLConfig(baseline="leave_one_out"), "baseline"),
         (lambda: RouterConfig(hidden=0), "hidden"),

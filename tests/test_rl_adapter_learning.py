@@ -107,8 +107,8 @@ class LetterRollouts:
     def run(self, problems, plans, seed, phase):
         return run_plans(self.runners[phase], self.cfg.task, ["letters"], problems, plans, seed, episode_factory=letter_episode)
 
-    def gradients(self, results, plans, weights):
-        return adapter_gradients(results, plans, weights, self.engines)
+    def gradients(self, calls, plans, weights):
+        return adapter_gradients(calls, plans, weights, self.engines)
 
 
 @pytest.mark.slow

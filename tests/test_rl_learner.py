@@ -10,6 +10,7 @@ from haps_ray.config import CandidateConfig, ExperimentConfig, RLConfig, RouterC
 from haps_ray.engine import LLMEngine, LocalEngineClient
 from haps_ray.rl.learner import JointLearner
 from haps_ray.rl.losses import generator_weights
+from haps_ray.rl.rollout import trajectories
 from haps_ray.rl.trainer import LocalRollouts, rl_step
 from haps_ray.routing.policy import HAPSPolicy
 from haps_ray.tasks import load_problems
@@ -75,7 +76,7 @@ def test_closed_candidate_is_routed_to_but_never_adapted(make_tiny):
     results = rollouts.run([p for p in batch for _ in range(2)], plans, 0, "train")
     closed_calls = [c for r in results for c in r.calls if c.engine == "closed"]
     assert closed_calls and not any(c.adapter for c in closed_calls)
-    grads = rollouts.gradients(results, plans, [1.0] * len(results))
+    grads = rollouts.gradients(trajectories(results), plans, [1.0] * len(results))
     assert all("closed" not in g for g in grads)
     assert engines["closed"].grad_calls == 0 and engines["open"].grad_calls == 1
     opened = [g["open"] for g in grads if "open" in g]
@@ -134,8 +135,22 @@ def test_generator_updates_follow_the_advantage_sign(make_tiny):
     before = completion_log_probs(plans)
     current = plans
     for _ in range(3):
-        learner.update(batch, open_only, advantages, rollouts.gradients(results, current, weights))
+        learner.update(batch, open_only, advantages, rollouts.gradients(trajectories(results), current, weights))
         current = learner.plans_for(batch, open_only)
     after = completion_log_probs(current)
     for a, b, adv in zip(after, before, advantages):
         assert (a - b) * adv > 0, (before, after)
+
+
+def test_rl_trains_and_evaluates_on_the_configured_subset_of_d_s_problems():
+    from haps_ray.config import config_from_dict
+    from pipelines.train import rl_splits
+
+    source = str(FIXTURES / "mmlu_small.jsonl")
+    base = {"candidates": [{"name": "a", "model": "tiny-llama"}], "task": {"train_path": source, "valid_path": source,
+                                                                             "n_train": 6, "n_valid": 4}}
+    full_train, full_valid = rl_splits(config_from_dict(base))
+    assert (len(full_train), len(full_valid)) == (6, 4)
+    train, valid = rl_splits(config_from_dict({**base, "rl": {"n_train": 3, "n_valid": 2}}))
+    assert (len(train), len(valid)) == (3, 2)
+    assert {p.id for p in train} < {p.id for p in full_train} and {p.id for p in valid} < {p.id for p in full_valid}

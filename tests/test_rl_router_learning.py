@@ -109,14 +109,14 @@ def test_rl_trainer_with_the_default_baseline_learns_checkpoints_and_resumes(tmp
     """`RLTrainer.fit` at the default advantage baseline (batch_mean), with three settings changed: router_lr 1e-3
     (the paper's 1e-6 does not move a random 2-layer router in 20 updates), group_size 2 (with one rollout per
     problem the batch-mean advantage only contrasts different problems, and this router then settles on one
-    assignment for every topic: measured, valid reward flat at 0.44 for lr 3e-4..3e-3), and eval_every 4 (evaluate
-    every 4 of the 20 updates). The run is interrupted at its second evaluation, resumed from the newest checkpoint
+    assignment for every topic: measured, valid reward flat at 0.44 for lr 3e-4..3e-3), and eval_every_questions 32
+    (evaluate every 4 of the 20 updates of 8 questions). The run is interrupted at its second evaluation, resumed from the newest checkpoint
     by a fresh learner, and must still end with a router that picks the right expert."""
     from haps_ray.checkpoint import read_state
     from haps_ray.training import planned_steps
 
     train, valid = make_problems(32, seed=1), make_problems(16, seed=2)
-    cfg = experts_config(RLConfig(router_lr=1e-3, batch_size=8, group_size=2, epochs=5, eval_every=4, patience=10,
+    cfg = experts_config(RLConfig(router_lr=1e-3, batch_size=8, group_size=2, epochs=5, eval_every_questions=32, patience=10,
                                   keep_checkpoints=3))
     assert cfg.rl.baseline == "batch_mean"
     total = planned_steps(len(train), cfg.rl.batch_size, cfg.rl.epochs, cfg.rl.max_steps)
@@ -155,3 +155,16 @@ def test_rl_trainer_with_the_default_baseline_learns_checkpoints_and_resumes(tmp
     done = len(logged)
     again = trainer().fit(train, valid, tmp_path, log=lambda m, step: logged.append(step))
     assert again["steps"] == total and len(logged) == done  # a finished run has nothing left to do
+
+
+def test_evaluations_follow_the_questions_used_not_the_updates(tmp_path):
+    """rl.eval_every_questions = 4 with updates of 3 questions: evaluations after updates 2 (6 questions, past 4)
+    and 3 (9, past 8), besides the start."""
+    from haps_ray.rl.trainer import RLTrainer
+
+    train, valid = make_problems(9, seed=1), make_problems(2, seed=2)
+    cfg = experts_config(RLConfig(batch_size=3, epochs=1, eval_every_questions=4, checkpoint_every=100))
+    steps = []
+    trainer = RLTrainer(cfg, JointLearner(HAPSPolicy.from_config(cfg), cfg.rl, 3), LocalRollouts(cfg, scripted_clients(train + valid)), 3)
+    trainer.fit(train, valid, tmp_path, log=lambda m, step: None, callback=lambda state, m, path: steps.append((state.step, state.questions)))
+    assert steps == [(0, 0), (2, 6), (3, 9)]

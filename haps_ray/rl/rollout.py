@@ -1,7 +1,7 @@
 """Rollouts for joint RL: run the learner's plans as episodes, then ask each engine for its adapter gradients.
 
     results = run_plans(runner, task_cfg, candidates, problems, plans, seed)
-    grads = adapter_gradients(results, plans, generator_weights(adv), engines)   # per rollout: name -> (dA, dB)
+    grads = adapter_gradients(trajectories(results), plans, generator_weights(adv), engines)   # name -> (dA, dB)
 
 `adapter_gradients` sends each engine one batched `adapter_grads` call holding every call that engine
 served with an adapter, weighted by its episode's w_i, and sums the per-call gradients per (episode,
@@ -47,24 +47,31 @@ def run_plans(
     return runner.run(episodes, seed=seed)
 
 
+def trajectories(results: Sequence[EpisodeResult]) -> list[list[CallRecord] | None]:
+    """The calls of each rollout for `adapter_gradients`; a failed episode has none (it gets no gradient)."""
+    return [None if r.error is not None else list(r.calls) for r in results]
+
+
 def adapter_gradients(
-    results: Sequence[EpisodeResult],
+    calls: Sequence[Sequence[CallRecord] | None],
     plans: Sequence[Plan],
     weights: Sequence[float],
     engines: Mapping[str, EngineClient],
 ) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """Per rollout, candidate name -> (dA, dB) of w_i Σ log p over every call that candidate made with its adapter.
+    """Per trajectory, candidate name -> (dA, dB) of w_i Σ log p over every call of it on a candidate its plan has an
+    adapter for: the calls of a rollout (generated with that adapter) or of a stored D trajectory (generated without
+    one, teacher-forced under it for the reward-weighted objective).
 
-    Failed episodes (`result.error`) contribute nothing. Weight-zero rollouts are skipped (their gradient is 0).
+    A trajectory of None (a failed episode) contributes nothing; weight-zero ones are skipped (their gradient is 0).
     """
-    if not len(results) == len(plans) == len(weights):
-        raise ValueError(f"{len(results)} results, {len(plans)} plans, {len(weights)} weights must match")
+    if not len(calls) == len(plans) == len(weights):
+        raise ValueError(f"{len(calls)} trajectories, {len(plans)} plans, {len(weights)} weights must match")
     work: dict[str, list[tuple[int, CallRecord]]] = {}
-    for i, (result, plan) in enumerate(zip(results, plans)):
-        if result.error is not None or weights[i] == 0.0:
+    for i, (trajectory, plan) in enumerate(zip(calls, plans)):
+        if trajectory is None or weights[i] == 0.0:
             continue
-        for call in result.calls:
-            if call.adapter and call.engine in plan.adapters and call.token_ids:
+        for call in trajectory:
+            if call.engine in plan.adapters and call.token_ids:
                 work.setdefault(call.engine, []).append((i, call))
     pending = {
         name: engines[name].adapter_grads(
@@ -73,7 +80,7 @@ def adapter_gradients(
         )
         for name, items in work.items()
     }
-    out: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in results]
+    out: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in calls]
     for name, handle in pending.items():
         for (i, _), (dA, dB) in zip(work[name], handle.result()):
             if name in out[i]:

@@ -12,8 +12,8 @@ sharded over RolloutWorker actors in `actors/rollout.py`). One step:
 3. advantages = reward − baseline over the rollouts that finished (failed ones get 0 and no gradient);
 4. engines return ∂(w_i Σ_t log p)/∂(A, B) with w_i = −A_i/N; the learner adds −A·log π(z|x) and steps.
 
-The loop: epochs over the train split in `haps_ray.training.epoch_order`; every `rl.eval_every` updates (and at the
-start and the end) the greedy policy is evaluated on valid with greedy decoding, a checkpoint is written, the best
+The loop: epochs over the train split in `haps_ray.training.epoch_order`; each time `rl.eval_every_questions` more
+train questions have been used (and at the start and the end) the greedy policy is evaluated on valid with greedy decoding, a checkpoint is written, the best
 is kept as `best/` and the callback is called; `rl.patience` evaluations without improvement stop the run.
 Checkpoints are also written every `rl.checkpoint_every` updates; only the newest `rl.keep_checkpoints` step
 checkpoints stay. A rerun resumes from the newest checkpoint (policy, optimiser, schedule, data position).
@@ -32,13 +32,15 @@ from typing import Any, Protocol
 from haps_ray.checkpoint import Checkpoints, read_metrics, read_state, save_checkpoint
 from haps_ray.config import ExperimentConfig, RLConfig
 from haps_ray.engine.client import EngineClient, RetrieverClient
+from haps_ray.dataset import StoredEpisode
 from haps_ray.episodes import EpisodeResult, EpisodeRunner
 from haps_ray.metrics import Progress
 from haps_ray.rl.advantages import compute_advantages
 from haps_ray.rl.cost import CostNormalizer, PriceTable
 from haps_ray.rl.learner import AdapterGrads, Plan
 from haps_ray.rl.losses import generator_weights
-from haps_ray.rl.rollout import adapter_gradients, run_plans
+from haps_ray.rl.rollout import adapter_gradients, run_plans, trajectories
+from haps_ray.tasks import CallRecord
 from haps_ray.training import EvaluationCallback, TrainerState, epoch_progress, next_batch
 
 logger = logging.getLogger(__name__)
@@ -63,11 +65,12 @@ class Learner(Protocol):
 
 
 class Rollouts(Protocol):
-    """Runs plans as episodes (`phase`: train or eval decoding) and collects their adapter gradients."""
+    """Runs plans as episodes (`phase`: train or eval decoding) and collects adapter gradients of trajectories
+    (`haps_ray.rl.rollout.adapter_gradients`: a rollout's calls, or a stored D row's)."""
 
     def run(self, problems: Sequence[Any], plans: Sequence[Plan], seed: int, phase: str) -> list[EpisodeResult]: ...
 
-    def gradients(self, results: Sequence[EpisodeResult], plans: Sequence[Plan],
+    def gradients(self, calls: Sequence[Sequence[CallRecord] | None], plans: Sequence[Plan],
                   weights: Sequence[float]) -> list[dict]: ...
 
 
@@ -87,8 +90,9 @@ class LocalRollouts:
     def run(self, problems: Sequence[Any], plans: Sequence[Plan], seed: int, phase: str) -> list[EpisodeResult]:
         return run_plans(self.runners[phase], self.cfg.task, self.names, problems, plans, seed=seed)
 
-    def gradients(self, results: Sequence[EpisodeResult], plans: Sequence[Plan], weights: Sequence[float]) -> list[dict]:
-        return adapter_gradients(results, plans, weights, self.engines)
+    def gradients(self, calls: Sequence[Sequence[CallRecord] | None], plans: Sequence[Plan],
+                  weights: Sequence[float]) -> list[dict]:
+        return adapter_gradients(calls, plans, weights, self.engines)
 
 
 def rollout_metrics(results: Sequence[EpisodeResult], plans: Sequence[Plan], prefix: str) -> dict[str, float]:
@@ -112,16 +116,50 @@ def rollout_metrics(results: Sequence[EpisodeResult], plans: Sequence[Plan], pre
     return metrics
 
 
-def rl_step(learner: Learner, batch: Sequence[Any], cfg: RLConfig, rollouts: Rollouts,
-            seed: int) -> tuple[dict[str, float], list[EpisodeResult]]:
-    """Sample, roll out, score, and apply one update; returns the metrics and the scored rollouts."""
-    problems = [p for p in batch for _ in range(cfg.group_size)]
-    group_ids = [i for i in range(len(batch)) for _ in range(cfg.group_size)]
-    clock = time.perf_counter()
-    plans = learner.propose(problems, mode="sample", seed=seed, for_update=True)
-    times = {"propose": time.perf_counter() - clock}
-    results = rollouts.run(problems, plans, seed, TRAIN)
-    times["rollout"] = time.perf_counter() - clock - sum(times.values())
+def rl_step(learner: Learner, batch: Sequence[Any], cfg: RLConfig, rollouts: Rollouts, seed: int,
+            stored: Mapping[str, Sequence[StoredEpisode]] | None = None) -> tuple[dict[str, float], list[EpisodeResult]]:
+    """One update on `cfg.objective` for a batch of problems; returns the metrics and the scored rollouts.
+
+    `stored` (problem id -> its rows of D) is needed by the reward-weighted objective (paper eq. 5): every z of a
+    batch problem counts with weight R(x, z) on log π(z|x) and on its stored trajectory's token log-likelihood under
+    the adapters the heads now write. With `both`, the two objectives' batch means are added.
+    """
+    clock, times = time.perf_counter(), {}
+    problems, plans, advantages, results = [], [], [], []
+    if cfg.objective != "reward_weighted":
+        problems = [p for p in batch for _ in range(cfg.group_size)]
+        group_ids = [i for i in range(len(batch)) for _ in range(cfg.group_size)]
+        plans = learner.propose(problems, mode="sample", seed=seed, for_update=True)
+        times["propose"] = time.perf_counter() - clock
+        results = rollouts.run(problems, plans, seed, TRAIN)
+        times["rollout"] = time.perf_counter() - clock - sum(times.values())
+        advantages = rollout_advantages(results, group_ids, cfg)
+    calls = trajectories(results)
+    if cfg.objective != "reinforce":
+        d_problems, d_rows = stored_rows(batch, stored)
+        d_plans = learner.plans_for(d_problems, [row.z for row in d_rows])
+        times["stored_plans"] = time.perf_counter() - clock - sum(times.values())
+        # one mean over every row of the update: rescale so that it is the sum of the two objectives' means
+        total = len(problems) + len(d_problems)
+        advantages = [a * total / len(problems) for a in advantages] + [row.reward * total / len(d_rows) for row in d_rows]
+        problems, plans, calls = problems + d_problems, plans + d_plans, calls + [row.calls for row in d_rows]
+    weights = generator_weights(advantages)
+    grads = rollouts.gradients(calls, plans, weights)
+    times["adapter_grads"] = time.perf_counter() - clock - sum(times.values())
+    metrics = learner.update(problems, [p.assignment for p in plans], advantages, grads)
+    times["update"] = time.perf_counter() - clock - sum(times.values())
+    step_s = sum(times.values())
+    metrics.update({f"time/{name}_s": t for name, t in times.items()})
+    metrics["time/step_s"] = step_s
+    if results:
+        metrics.update(rollout_metrics(results, plans[:len(results)], "train"))
+        metrics.update({"train/episodes_per_s": len(results) / step_s, "train/tokens_per_s": metrics["train/tokens_out"] / step_s})
+    return metrics, results
+
+
+def rollout_advantages(results: Sequence[EpisodeResult], group_ids: Sequence[int], cfg: RLConfig) -> list[float]:
+    """Reward minus the baseline for the rollouts that finished; failed ones (and, with leave-one-out, a group's
+    only finished rollout) get 0."""
     usable = [i for i, r in enumerate(results) if r.error is None and r.reward is not None]
     if cfg.baseline == "leave_one_out":  # a group left with one finished rollout has no baseline: no signal
         sizes = Counter(group_ids[i] for i in usable)
@@ -133,25 +171,29 @@ def rl_step(learner: Learner, batch: Sequence[Any], cfg: RLConfig, rollouts: Rol
         )
         for i, a in zip(usable, adv.tolist()):
             advantages[i] = a
-    weights = generator_weights(advantages)
-    grads = rollouts.gradients(results, plans, weights)
-    times["adapter_grads"] = time.perf_counter() - clock - sum(times.values())
-    metrics = learner.update(problems, [p.assignment for p in plans], advantages, grads)
-    times["update"] = time.perf_counter() - clock - sum(times.values())
-    metrics.update(rollout_metrics(results, plans, "train"))
-    step_s = sum(times.values())
-    metrics.update({f"time/{name}_s": t for name, t in times.items()})
-    metrics.update({"time/step_s": step_s, "train/episodes_per_s": len(results) / step_s,
-                    "train/tokens_per_s": metrics["train/tokens_out"] / step_s})
-    return metrics, results
+    return advantages
+
+
+def stored_rows(batch: Sequence[Any], stored: Mapping[str, Sequence[StoredEpisode]] | None
+                ) -> tuple[list[Any], list[StoredEpisode]]:
+    """Every stored row of D for the batch's problems, each with its problem (for the reward-weighted objective)."""
+    if stored is None:
+        raise ValueError("rl.objective reward_weighted / both needs the rows of D for the train problems")
+    missing = [p.id for p in batch if p.id not in stored]
+    if missing:
+        raise ValueError(f"problems {missing[:5]} have no rows in D's train split (build D for the RL train problems)")
+    pairs = [(p, row) for p in batch for row in stored[p.id]]
+    return [p for p, _ in pairs], [row for _, row in pairs]
 
 
 class RLTrainer:
     """The RL loop over a learner and its rollouts; see the module docstring."""
 
-    def __init__(self, cfg: ExperimentConfig, learner: Learner, rollouts: Rollouts, total_steps: int) -> None:
+    def __init__(self, cfg: ExperimentConfig, learner: Learner, rollouts: Rollouts, total_steps: int,
+                 stored: Mapping[str, Sequence[StoredEpisode]] | None = None) -> None:
         self.cfg, self.learner, self.rollouts = cfg, learner, rollouts
         self.total_steps = total_steps
+        self.stored = stored  # rows of D per train problem, for rl.objective reward_weighted / both
         self.state = TrainerState()
 
     def evaluate(self, problems: Sequence[Any], prefix: str, seed: int = 0) -> tuple[dict[str, float], list[EpisodeResult]]:
@@ -182,11 +224,13 @@ class RLTrainer:
             if indices is None:
                 break
             metrics, _ = rl_step(self.learner, [train[i] for i in indices], rl, self.rollouts,
-                                 seed=self.cfg.seed * 100_003 + state.step)
+                                 seed=self.cfg.seed * 100_003 + state.step, stored=self.stored)
             state.step += 1
-            log({**metrics, "epoch": epoch_progress(state, len(train))}, state.step)
-            progress.update(1, f"reward {metrics['train/reward']:.3f}")
-            if state.step % rl.eval_every == 0:
+            due = (state.questions + len(indices)) // rl.eval_every_questions > state.questions // rl.eval_every_questions
+            state.questions += len(indices)
+            log({**metrics, "epoch": epoch_progress(state, len(train)), "train/questions": state.questions}, state.step)
+            progress.update(1, f"reward {metrics['train/reward']:.3f}" if "train/reward" in metrics else "")
+            if due:
                 self._evaluate_and_save(valid, ckpts, log, callback)
                 evaluated_at = state.step
             elif state.step % rl.checkpoint_every == 0:
