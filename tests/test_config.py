@@ -74,8 +74,7 @@ def test_defaults_and_nested_sections():
         (with_(reward={"metric": "bleu"}), "reward.metric"),
         (with_(dataset={"splits": ["train", "dev"]}), "dataset.splits[1]"),
         (with_(dataset={"splits": ["train", "train"]}), "dataset.splits"),
-        # removed: accepted and never read
-        (with_(rl={"objective": "reinforce"}), "rl.objective"),
+        (with_(rl={"objective": "ppo"}), "rl.objective"),
     ],
 )
 def test_bad_values_name_the_field(data, field):
@@ -237,7 +236,7 @@ def test_bad_yaml_names_the_file_and_line(tmp_path):
 def test_reference_shows_section_defaults_of_the_parent():
     rows = {name: default for name, default, _ in describe_config()}
     assert rows["train_decoding.temperature"] == "1.0" and rows["eval_decoding.temperature"] == "0.0"
-    assert rows["candidates[].name"] == "'(required)'" and "rl.objective" not in rows
+    assert rows["candidates[].name"] == "'(required)'" and rows["rl.objective"] == "'reinforce'"
 
 
 def test_tune_configs_load():
