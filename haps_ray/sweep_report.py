@@ -35,7 +35,7 @@ class TrialRow:
     router_lr: float
     generator_lr: float
     params: dict[str, Any] = field(default_factory=dict)
-    status: str = "finished"  # finished | failed | unfinished
+    status: str = "finished"  # finished | stopped (early, by the scheduler) | failed | unfinished (interrupted)
     reward: float = math.nan
     perf: float = math.nan
     cost: float = math.nan

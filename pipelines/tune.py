@@ -219,26 +219,36 @@ def fit_experiment(cfg: ExperimentConfig, base: dict[str, Any], lam: float, tune
     return tuner.fit()
 
 
+def saved_trials(experiment: Path) -> dict[str, tuple[str, str]]:
+    """Trial directory name -> (trial id, status) as the experiment's saved state has them: TERMINATED (ran to its
+    end or was stopped by the scheduler), ERROR, or anything else for a trial an interruption left unfinished."""
+    return {Path(t.path).name: (t.trial_id, t.status) for t in tune.ExperimentAnalysis(str(experiment)).trials}
+
+
 def trial_rows(cfg: ExperimentConfig, base: dict[str, Any], lam: float, grid: tune.ResultGrid, tune_dir: Path) -> list[TrialRow]:
-    """One row per trial of an experiment: its settings and its best validation evaluation by `sweep.metric`."""
+    """One row per trial of an experiment: its settings and its best validation evaluation by `sweep.metric`.
+    Status: finished, stopped (by ASHA), failed (with the last line of its error) or unfinished (interrupted)."""
     name, rows = experiment_name(lam), []
+    saved = saved_trials(tune_dir / name)
     sign = 1 if cfg.sweep.mode == "max" else -1
     for result in grid:
         params = {k: v for k, v in (result.config or {}).items() if k in cfg.sweep.space}
         trial_cfg = trial_config(base, lam, params)
-        frame = result.metrics_dataframe
-        trial_id = (result.metrics or {}).get("trial_id") or ""
+        trial_id, status = saved.get(Path(result.path).name, ("", "PENDING"))
         row = TrialRow(experiment=name, trial=trial_id or Path(result.path).name, lam=lam,
                        k=trial_cfg.router.lora_layers, r=trial_cfg.router.lora_rank, router_lr=trial_cfg.rl.router_lr,
                        generator_lr=trial_cfg.rl.generator_lr, params=params)
+        frame = result.metrics_dataframe
         if frame is not None and len(frame) and cfg.sweep.metric in frame:
             best = frame.loc[(sign * frame[cfg.sweep.metric]).idxmax()]
             row.reward, row.perf = float(best["valid/reward"]), float(best["valid/perf"])
             row.cost, row.best_step, row.evaluations = float(best["valid/cost_usd"]), int(best["step"]), len(frame)
-        if result.error is not None:
-            row.status, row.error = "failed", str(result.error).strip().splitlines()[-1][:300]
-        elif trial_id and (tune_dir / "trials" / name / trial_id / "rl" / "summary.json").is_file():
-            row.status = "finished"
+        if status == "ERROR" or result.error is not None:
+            row.status = "failed"
+            row.error = str(result.error).strip().splitlines()[-1][:300] if result.error is not None else ""
+        elif status == "TERMINATED":
+            done = (tune_dir / "trials" / name / trial_id / "rl" / "summary.json").is_file()
+            row.status = "finished" if done else "stopped"
         else:
             row.status = "unfinished"
         rows.append(row)
@@ -270,7 +280,7 @@ def sweep(cfg: ExperimentConfig, run_dir: str, share_engines: bool = True, trial
         for lam in lambdas(cfg):
             grid = fit_experiment(cfg, base, lam, tune_dir, sft_policy, pool, trial)
             rows.extend(trial_rows(cfg, base, lam, grid, tune_dir))
-            if grid.num_terminated + grid.num_errors < len(grid):  # Tune stopped early: Ctrl-C
+            if any(row.status == "unfinished" for row in rows):  # Tune stopped early: Ctrl-C
                 interrupted = True
                 break
     finally:
