@@ -385,7 +385,7 @@ class SweepConfig(Section):
     grace_period: int = Field(1, ge=1, description="ASHA: evaluations every trial gets before it may be stopped.")
     search_alg: Literal["none", "optuna"] = Field("none", description=(
         "none: random/grid search; optuna: Optuna's TPE over the choice/range fields (needs `pip install optuna`)."))
-    trial_num_cpus: float = Field(0.25, ge=0, description=(
+    trial_num_cpus: float = Field(0.25, gt=0, description=(
         "CPUs reserved by each trial's own process (the RL loop); its Learner reserves rl.learner_num_cpus on top. "
         "The shared engines sit outside every trial's reservation."))
 

@@ -116,6 +116,22 @@ def scheduler_and_search(cfg: ExperimentConfig) -> tuple[Any, Any]:
     return scheduler, search
 
 
+def tune_config(cfg: ExperimentConfig) -> tune.TuneConfig:
+    """Metric, mode, samples, concurrency, scheduler and search algorithm of each λ's experiment."""
+    sweep = cfg.sweep
+    scheduler, search = scheduler_and_search(cfg)
+    return tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, num_samples=sweep.num_samples,
+                           max_concurrent_trials=sweep.max_concurrent_trials or None, scheduler=scheduler,
+                           search_alg=search)
+
+
+def best_evaluation(frame: Any, metric: str, mode: str) -> Any:
+    """The row of a trial's reported evaluations (a DataFrame) with the best `metric`; None when there is none."""
+    if frame is None or not len(frame) or metric not in frame:
+        return None
+    return frame.loc[frame[metric].idxmax() if mode == "max" else frame[metric].idxmin()]
+
+
 def trial_resources(cfg: ExperimentConfig, share_engines: bool) -> tune.PlacementGroupFactory:
     """What one trial reserves: its own process and its Learner (and, without sharing, its own engines)."""
     bundles = [{"CPU": cfg.sweep.trial_num_cpus}]
@@ -204,14 +220,10 @@ def fit_experiment(cfg: ExperimentConfig, base: dict[str, Any], lam: float, tune
         logger.info("λ=%g: resuming the Tune experiment at %s (finished trials are kept)", lam, path)
         tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=False)
     else:
-        scheduler, search = scheduler_and_search(cfg)
-        sweep = cfg.sweep
         tuner = tune.Tuner(
             trainable,
             param_space=param_space(cfg),
-            tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, num_samples=sweep.num_samples,
-                                        max_concurrent_trials=sweep.max_concurrent_trials or None,
-                                        scheduler=scheduler, search_alg=search),
+            tune_config=tune_config(cfg),
             run_config=tune.RunConfig(name=name, storage_path=str(tune_dir),
                                       failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=1),
@@ -230,7 +242,6 @@ def trial_rows(cfg: ExperimentConfig, base: dict[str, Any], lam: float, grid: tu
     Status: finished, stopped (by ASHA), failed (with the last line of its error) or unfinished (interrupted)."""
     name, rows = experiment_name(lam), []
     saved = saved_trials(tune_dir / name)
-    sign = 1 if cfg.sweep.mode == "max" else -1
     for result in grid:
         params = {k: v for k, v in (result.config or {}).items() if k in cfg.sweep.space}
         trial_cfg = trial_config(base, lam, params)
@@ -238,11 +249,11 @@ def trial_rows(cfg: ExperimentConfig, base: dict[str, Any], lam: float, grid: tu
         row = TrialRow(experiment=name, trial=trial_id or Path(result.path).name, lam=lam,
                        k=trial_cfg.router.lora_layers, r=trial_cfg.router.lora_rank, router_lr=trial_cfg.rl.router_lr,
                        generator_lr=trial_cfg.rl.generator_lr, params=params)
-        frame = result.metrics_dataframe
-        if frame is not None and len(frame) and cfg.sweep.metric in frame:
-            best = frame.loc[(sign * frame[cfg.sweep.metric]).idxmax()]
+        best = best_evaluation(result.metrics_dataframe, cfg.sweep.metric, cfg.sweep.mode)
+        if best is not None:
             row.reward, row.perf = float(best["valid/reward"]), float(best["valid/perf"])
-            row.cost, row.best_step, row.evaluations = float(best["valid/cost_usd"]), int(best["step"]), len(frame)
+            row.cost, row.best_step = float(best["valid/cost_usd"]), int(best["step"])
+            row.evaluations = len(result.metrics_dataframe)
         if status == "ERROR" or result.error is not None:
             row.status = "failed"
             row.error = str(result.error).strip().splitlines()[-1][:300] if result.error is not None else ""

@@ -92,6 +92,22 @@ def tune_base(cfg) -> dict:
     return base
 
 
+def test_tune_config_and_best_evaluation_follow_metric_mode_samples_and_concurrency() -> None:
+    import pandas as pd
+
+    from pipelines import tune
+
+    cfg = config_from_dict(with_space({"rl.generator_lr": {"choice": [1e-4, 1e-3]}}, metric="valid/cost_usd", mode="min",
+                                      num_samples=3, max_concurrent_trials=2))
+    tc = tune.tune_config(cfg)
+    assert (tc.metric, tc.mode, tc.num_samples, tc.max_concurrent_trials) == ("valid/cost_usd", "min", 3, 2)
+    assert tune.tune_config(config_from_dict(with_space({}))).max_concurrent_trials is None  # 0: as resources allow
+    frame = pd.DataFrame({"valid/reward": [0.1, 0.5, 0.3], "valid/cost_usd": [3e-4, 2e-4, 1e-4], "step": [0, 1, 2]})
+    assert tune.best_evaluation(frame, "valid/cost_usd", "min")["step"] == 2
+    assert tune.best_evaluation(frame, "valid/reward", "max")["step"] == 1
+    assert tune.best_evaluation(frame.iloc[:0], "valid/reward", "max") is None
+
+
 def test_optuna_is_optional_and_named_when_missing() -> None:
     from pipelines import tune
 
