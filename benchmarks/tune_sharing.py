@@ -116,7 +116,7 @@ def main() -> None:
     shared, naive = rows
     machine = f"{platform.machine()} CPU x{os.cpu_count()}, {psutil.virtual_memory().total / 2**30:.0f} GiB, Ray {ray.__version__}"
     lines = [
-        "## Tune sweep: shared engine pool vs engines per trial",
+        f"## Tune sweep: shared engine pool vs engines per trial ({args.models} engines)",
         "",
         f"`python benchmarks/tune_sharing.py --models {args.models}` ({machine}): the 4-trial sweep of "
         f"`{Path(args.config).name}` (2 λ x 2 k, {cfg.sweep.max_concurrent_trials or 'all'} trials at once), from one "

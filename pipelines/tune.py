@@ -8,7 +8,7 @@ What is shared, and why it is exact:
 
 - D, D_SFT and the SFT router are built once (`pipelines.run.prepare`: the stages data, dataset and sft of
   <run_dir>, skipped when an earlier `pipelines.run` or sweep finished them). They do not depend on λ, k or r: λ is
-  applied when D is read, and a trial whose head settings (k, r, ...) differ from the SFT router's gets the SFT
+  applied when D is read (only the SFT labels, D_SFT, were chosen under the config's own reward.lam), and a trial whose head settings (k, r, ...) differ from the SFT router's gets the SFT
   backbone with fresh heads of its own shape (`trial_init_policy`).
 - One `EnginePool` of frozen EngineActors serves every trial. The driver starts it before the first trial, outside
   every trial's placement group, wrapping the deepest k of the sweep; a trial with a smaller k sends adapters for
