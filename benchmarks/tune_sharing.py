@@ -128,6 +128,9 @@ def main() -> None:
         "",
         f"Shared / naive: engine memory {shared['engines_gib'] / naive['engines_gib']:.2f}x, "
         f"total memory {shared['total_gib'] / naive['total_gib']:.2f}x, wall time {shared['seconds'] / naive['seconds']:.2f}x.",
+        "Engines per trial peak at (trials at once) x (candidates) processes; the shared pool stays at one per candidate "
+        "however many trials run, and no trial waits for engines to load. Target: shared at most 1/2 the engine memory, "
+        "no more wall time.",
         "",
     ]
     text = "\n".join(lines)

@@ -275,11 +275,18 @@ def test_interrupted_sweep_resumes_and_skips_the_finished_trial(prepared, tmp_pa
     command = [sys.executable, "-m", "pipelines.tune", "--config", str(CONFIG), "--set", f"run_dir={run_dir}",
                "--set", "ray_address=local", "--set", ONE_LAMBDA, "--set", "sweep.max_concurrent_trials=1"]
     experiment = run_dir / "tune" / "lam_0.5"
+    trials = run_dir / "tune" / "trials" / "lam_0.5"
+
+    def second_one_running() -> bool:  # the first trial is done, the second has checkpointed and is not done
+        done = terminated_trials(experiment)
+        return len(done) == 1 and any(t.name not in done and list(t.glob("rl/checkpoints/step_*/trainer_state.json"))
+                                      and not (t / "rl" / "summary.json").exists() for t in trials.glob("*"))
+
     first = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 600
-        while not terminated_trials(experiment) and first.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.5)
+        while not second_one_running() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
         assert first.poll() is None, "the sweep ended before it could be interrupted"
         first.send_signal(signal.SIGINT)  # Ctrl-C
         _, err = first.communicate(timeout=300)
@@ -291,8 +298,9 @@ def test_interrupted_sweep_resumes_and_skips_the_finished_trial(prepared, tmp_pa
     done = terminated_trials(experiment)
     assert len(done) == 1
     (finished,) = done
-    metrics = run_dir / "tune" / "trials" / "lam_0.5" / finished / "rl" / "metrics" / "metrics.jsonl"
+    metrics = trials / finished / "rl" / "metrics" / "metrics.jsonl"
     before = metrics.read_text()
+    (running,) = [t.name for t in trials.glob("*") if t.name != finished]
 
     second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
@@ -300,4 +308,7 @@ def test_interrupted_sweep_resumes_and_skips_the_finished_trial(prepared, tmp_pa
     assert metrics.read_text() == before  # the finished trial was not run again
     rows = list(csv.DictReader((run_dir / "tune" / "results.csv").read_text().splitlines()))
     assert len(rows) == 2 and {r["status"] for r in rows} == {"finished"}
-    assert terminated_trials(experiment) > done
+    assert terminated_trials(experiment) == {finished, running}
+    # the interrupted trial continued from its checkpoint: its start evaluation (step 0) was not run again
+    records = [json.loads(line) for line in (trials / running / "rl" / "metrics" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "valid/reward" in r].count(0) == 1
