@@ -150,11 +150,16 @@ class EnginePool:
             self.checksums[name], self._info[name] = sums.pop(), infos[0]
         return [self.checksums[name] for name in self.candidates]
 
-    def adapter_shapes(self) -> dict[str, list[tuple[int, int]]]:
-        """(d_in, d_out) of every wrapped layer of each open candidate (what the hypernetwork heads emit)."""
+    def adapter_shapes(self, layers: int | None = None) -> dict[str, list[tuple[int, int]]]:
+        """(d_in, d_out) of every wrapped layer of each open candidate (what the hypernetwork heads emit), or of the
+        deepest `layers` of them: a policy with a smaller k than the pool's sends adapters for those layers only."""
         if not self._info:
             self.wait_ready()
-        return {name: [tuple(s) for s in self._info[name]["adapter_shapes"]]
+        layers = self.lora_layers if layers is None else layers
+        if not 1 <= layers <= self.lora_layers:
+            raise ValueError(f"router.lora_layers={layers}: the engine pool wraps the last {self.lora_layers} layers; "
+                             "start it with lora_layers >= the deepest k that will use it")
+        return {name: [tuple(s) for s in self._info[name]["adapter_shapes"]][-layers:]
                 for name, c in self.candidates.items() if c.open_source}
 
     @property

@@ -29,7 +29,7 @@ class RLActors:
         retriever = RetrieverActorClient(self.retriever_handle) if self.retriever_handle is not None else None
         self.learners: list[LearnerClient] = []
         try:
-            self.shapes = self.pool.adapter_shapes()
+            self.shapes = self.pool.adapter_shapes(cfg.router.lora_layers)  # a shared pool may wrap deeper
             self.rollouts = RolloutWorkerGroup(cfg, self.pool, normalizer, retriever, cfg.rl.num_rollout_workers)
         except Exception:
             self.shutdown()

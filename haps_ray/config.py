@@ -311,6 +311,85 @@ class EvaluationConfig(Section):
     ))
 
 
+class ParamSpace(Section):
+    """How one searched config field varies over a sweep: exactly one of grid, choice, uniform, loguniform."""
+
+    grid: list[Any] | None = Field(None, description=(
+        "Every value is run (a grid axis: the sweep runs the product of its grids, num_samples times)."))
+    choice: list[Any] | None = Field(None, description="Each trial draws one of these values (by the search algorithm).")
+    uniform: list[float] | None = Field(None, description="[low, high]: each trial draws a float uniformly.")
+    loguniform: list[float] | None = Field(None, description="[low, high], 0 < low: each trial draws a float log-uniformly.")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ParamSpace:
+        given = [name for name in ("grid", "choice", "uniform", "loguniform") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise rule_broken("grid", f"give exactly one of grid, choice, uniform, loguniform; got {given or 'none'}")
+        values = getattr(self, given[0])
+        if given[0] in ("grid", "choice") and not values:
+            raise rule_broken(given[0], "needs at least one value")
+        if given[0] in ("uniform", "loguniform"):
+            if len(values) != 2 or not values[0] < values[1]:
+                raise rule_broken(given[0], f"needs [low, high] with low < high, got {values}")
+            if given[0] == "loguniform" and values[0] <= 0:
+                raise rule_broken(given[0], f"needs low > 0, got {values}")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(name for name in ("grid", "choice", "uniform", "loguniform") if getattr(self, name) is not None)
+
+    @property
+    def values(self) -> list[Any]:
+        """The values to check against the config: every grid/choice value, or the bounds of a range."""
+        return list(getattr(self, self.kind))
+
+
+def unknown_field(key: str) -> str:
+    """Why dotted `key` names no field of ExperimentConfig ('' when it does)."""
+    cls: type[BaseModel] = ExperimentConfig
+    for i, part in enumerate(key.split(".")):
+        if part not in cls.model_fields:
+            return f"unknown field {part!r} (known: {', '.join(cls.model_fields)})"
+        annotation = cls.model_fields[part].annotation
+        more = i < len(key.split(".")) - 1
+        if more and not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return f"{part!r} is not a config section"
+        if more:
+            cls = annotation
+    return ""
+
+
+# What a sweep may vary: D, D_SFT and the SFT router are built once for the whole sweep (they depend on the task,
+# the candidates, evaluation decoding and the router backbone), so only what RL reads on top of them can change.
+SWEEPABLE = ("seed", "reward.", "rl.", "train_decoding.", "router.lora_rank", "router.lora_alpha", "router.lora_layers",
+             "router.hidden", "router.mlp_layers", "router.per_layer_adapters", "router.init", "router.backbone_grad")
+
+
+class SweepConfig(Section):
+    """A Ray Tune sweep of the RL stage (`python -m pipelines.tune`) over dotted config fields.
+
+    reward.lam is never searched: it must be a grid (or choice) and every value gets its own Tune experiment, run one
+    after the other, so that a scheduler or search algorithm only compares rewards of one λ."""
+
+    space: dict[str, ParamSpace] = Field(default_factory=dict, description=(
+        "Dotted config field -> its space, e.g. {router.lora_layers: {grid: [1, 2, 4]}, rl.generator_lr: "
+        "{loguniform: [1e-6, 1e-4]}}; allowed: seed, reward.*, rl.*, train_decoding.*, router head fields."))
+    metric: Literal["valid/reward", "valid/perf", "valid/cost_usd"] = Field(
+        "valid/reward", description="Reported validation metric the scheduler and search algorithm optimise.")
+    mode: Literal["max", "min"] = Field("max", description="Whether the metric is maximised or minimised.")
+    num_samples: int = Field(1, ge=1, description="Trials per point of the grid (each draws the choice/range fields anew).")
+    max_concurrent_trials: int = Field(0, ge=0, description="Trials running at once at most; 0 = as many as CPUs allow.")
+    scheduler: Literal["none", "asha"] = Field("none", description=(
+        "none: every trial runs to its end; asha: ASHA stops trials whose metric trails at an evaluation (per λ)."))
+    grace_period: int = Field(1, ge=1, description="ASHA: evaluations every trial gets before it may be stopped.")
+    search_alg: Literal["none", "optuna"] = Field("none", description=(
+        "none: random/grid search; optuna: Optuna's TPE over the choice/range fields (needs `pip install optuna`)."))
+    trial_num_cpus: float = Field(0.25, gt=0, description=(
+        "CPUs reserved by each trial's own process (the RL loop); its Learner reserves rl.learner_num_cpus on top. "
+        "The shared engines sit outside every trial's reservation."))
+
+
 class ExperimentConfig(Section):
     """Everything one HAPS run needs; `tune_configs/*.yaml` map onto this 1:1."""
 
@@ -333,6 +412,7 @@ class ExperimentConfig(Section):
     sft: SFTConfig = Field(default_factory=SFTConfig, description="SFT warm-up.")
     rl: RLConfig = Field(default_factory=RLConfig, description="Joint RL.")
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig, description="The results table.")
+    sweep: SweepConfig = Field(default_factory=SweepConfig, description="Ray Tune sweep (pipelines.tune).")
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> ExperimentConfig:
@@ -341,6 +421,30 @@ class ExperimentConfig(Section):
         names = [c.name for c in self.candidates]
         if len(set(names)) != len(names):
             raise rule_broken("candidates", f"names must be unique, got {names}")
+        return self
+
+    @model_validator(mode="after")
+    def _sweep_space_fits(self) -> ExperimentConfig:
+        # every value a sweep can give a field must make a valid config, so a bad space fails at load, not in a trial
+        for key, space in self.sweep.space.items():
+            where = f"sweep.space.{key}"
+            unknown = unknown_field(key)
+            if unknown:
+                raise rule_broken(where, unknown)
+            if not key.startswith(SWEEPABLE) or key in ("reward", "rl", "train_decoding"):
+                raise rule_broken(where, "not sweepable: D and the SFT router are built once per sweep, so only "
+                                  f"{', '.join(p + ('*' if p.endswith('.') else '') for p in SWEEPABLE)} may vary")
+            if key == "reward.lam" and space.kind not in ("grid", "choice"):
+                raise rule_broken(where, "λ is an outer grid (one Tune experiment per value): use grid or choice")
+            if self.sweep.search_alg == "optuna" and space.kind == "grid" and key != "reward.lam":
+                raise rule_broken(where, "search_alg optuna cannot run a grid axis: use choice")
+            base = to_dict(self)
+            del base["sweep"]
+            for value in space.values:
+                try:
+                    config_from_dict(base, [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}"])
+                except ConfigError as err:
+                    raise rule_broken(where, f"value {value!r} does not make a valid config ({err})") from None
         return self
 
     def require_splits(self, splits: Sequence[str], field: str) -> None:

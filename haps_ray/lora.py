@@ -12,6 +12,9 @@ k wrapped layers:
 
     Adapter.A: (k, r, d_in)    Adapter.B: (k, d_out, r)    layer 0 = the shallowest of the last k
 
+A model wrapped at K layers also takes adapters of k < K layers (they go into its deepest k): one engine serves
+every k of a sweep.
+
 For Llama/Qwen2/Mistral d_in == d_out == hidden size; Gemma-style models may have d_in != d_out.
 
     layers = attach_lora(model, k=1)           # once; idempotent for the same k
@@ -149,8 +152,11 @@ def stack_adapters(
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None:
     """Per wrapped layer, batched (A, B, alpha); a `None` sample gets zero factors (its output is exactly the base).
 
-    Adapters of different ranks are zero-padded to the largest rank, which leaves every product unchanged.
-    Returns None when no sample has an adapter. Gradients flow back into every given factor tensor.
+    Adapters of different ranks are zero-padded to the largest rank, which leaves every product unchanged. An adapter
+    with fewer layers than the model has wrapped (a k=1 adapter on an engine wrapped at the sweep's deepest k=4) goes
+    into the deepest of them, the same layers an engine wrapped at exactly its k would use; the shallower wrapped
+    layers get zero factors for that sample, so its output equals that engine's. Returns None when no sample has an
+    adapter. Gradients flow back into every given factor tensor.
     """
     present = [a for a in adapters if a is not None]
     if not present:
@@ -159,9 +165,11 @@ def stack_adapters(
     for i, ad in enumerate(adapters):
         if ad is None:
             continue
-        if ad.num_layers != k:
-            raise ValueError(f"adapter {i} has {ad.num_layers} layers, model has {k} wrapped layers")
-        for l, layer in enumerate(layers):
+        if ad.num_layers > k:
+            raise ValueError(f"adapter {i} has {ad.num_layers} layers, model has only {k} wrapped layers")
+        offset = k - ad.num_layers
+        for l in range(ad.num_layers):
+            layer = layers[offset + l]
             if ad.A.shape[2] != layer.in_features or ad.B.shape[1] != layer.out_features:
                 raise ValueError(
                     f"adapter {i} layer {l}: A{tuple(ad.A.shape)} B{tuple(ad.B.shape)} do not fit o_proj "
@@ -174,11 +182,12 @@ def stack_adapters(
     for l, layer in enumerate(layers):
         As, Bs = [], []
         for ad in adapters:
-            if ad is None:
+            if ad is None or l < k - ad.num_layers:  # no adapter, or one for deeper layers only
                 As.append(torch.zeros(rank, layer.in_features, device=device, dtype=dtype))
                 Bs.append(torch.zeros(layer.out_features, rank, device=device, dtype=dtype))
                 continue
-            a, b = ad.A[l].to(device=device, dtype=dtype), ad.B[l].to(device=device, dtype=dtype)
+            own = l - (k - ad.num_layers)  # the adapter's own layer index (0 = its shallowest)
+            a, b = ad.A[own].to(device=device, dtype=dtype), ad.B[own].to(device=device, dtype=dtype)
             if ad.rank < rank:
                 a = torch.cat([a, a.new_zeros(rank - ad.rank, a.shape[1])], dim=0)
                 b = torch.cat([b, b.new_zeros(b.shape[0], rank - ad.rank)], dim=1)

@@ -37,35 +37,48 @@ def with_prepared_data(cfg: ExperimentConfig, summary: dict) -> ExperimentConfig
     return cfg.model_copy(update={"task": cfg.task.model_copy(update=update)})
 
 
-def run(cfg: ExperimentConfig, run_dir: str) -> dict:
-    """Run (or continue) every stage; returns per-stage wall times and the final results table."""
-    root = Path(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    stages_path = root / "stages.json"
-    record = json.loads(stages_path.read_text()) if stages_path.is_file() else {}
-    timings: dict[str, float] = {}
+class StageLog:
+    """<run_dir>/stages.json: which stages finished, in how long, with what result; `run` skips a finished one."""
 
-    def stage(name: str, work: Callable[[], object]) -> None:
-        if name in record:
+    def __init__(self, root: Path) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.path = root / "stages.json"
+        self.record = json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def run(self, name: str, work: Callable[[], object]) -> None:
+        if name in self.record:
             logger.info("stage %s: done in an earlier run, skipped", name)
             return
         logger.info("stage %d/%d: %s", STAGES.index(name) + 1, len(STAGES), name)
         started = time.perf_counter()
         result = work()
-        timings[name] = time.perf_counter() - started
-        record[name] = {"seconds": timings[name], "result": result}
-        stages_path.write_text(json.dumps(record, indent=2, default=str))
-        logger.info("stage %s finished in %s", name, format_seconds(timings[name]))
+        seconds = time.perf_counter() - started
+        self.record[name] = {"seconds": seconds, "result": result}
+        self.path.write_text(json.dumps(self.record, indent=2, default=str))
+        logger.info("stage %s finished in %s", name, format_seconds(seconds))
 
-    stage("data", lambda: data.prepare(cfg, str(root / "data")))
-    prepared = with_prepared_data(cfg, record["data"]["result"])
+
+def prepare(cfg: ExperimentConfig, run_dir: str) -> tuple[ExperimentConfig, StageLog]:
+    """Run (or skip, when done) the stages before RL: data, D and SFT. Returns the config on the prepared splits and
+    the stage log (`record["sft"]["result"]["best_policy"]` is the SFT router). A Tune sweep starts from here too."""
+    root = Path(run_dir)
+    stages = StageLog(root)
+    stages.run("data", lambda: data.prepare(cfg, str(root / "data")))
+    prepared = with_prepared_data(cfg, stages.record["data"]["result"])
     save_config(prepared, root / "config.prepared.yaml")
-    stage("dataset", lambda: build_dataset.build(prepared)["build"])
-    stage("sft", lambda: sft.run_sft(prepared, run_dir))
+    stages.run("dataset", lambda: build_dataset.build(prepared)["build"])
+    stages.run("sft", lambda: sft.run_sft(prepared, run_dir))
+    return prepared, stages
+
+
+def run(cfg: ExperimentConfig, run_dir: str) -> dict:
+    """Run (or continue) every stage; returns per-stage wall times and the final results table."""
+    prepared, stages = prepare(cfg, run_dir)
+    record = stages.record
     init_policy = record["sft"]["result"]["best_policy"]
-    stage("rl", lambda: train.train(prepared, run_dir, init_policy=init_policy))
-    stage("evaluate", lambda: [dataclasses.asdict(r) for r in evaluate.evaluate(prepared, run_dir, record["rl"]["result"]["best_policy"])])
-    return {"seconds": {k: v["seconds"] for k, v in record.items()}, "table": (root / "eval" / "results.md").read_text()}
+    stages.run("rl", lambda: train.train(prepared, run_dir, init_policy=init_policy))
+    stages.run("evaluate", lambda: [dataclasses.asdict(r) for r in evaluate.evaluate(prepared, run_dir, record["rl"]["result"]["best_policy"])])
+    return {"seconds": {k: v["seconds"] for k, v in record.items()}, "table": (Path(run_dir) / "eval" / "results.md").read_text()}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -134,7 +134,7 @@ def test_bad_adapters_are_rejected(make_tiny) -> None:
     attach_lora(model, 1)
     hidden = model.config.hidden_size
     ids = torch.tensor(random_prompts(model.config.vocab_size, [3, 3]))
-    with pytest.raises(ValueError, match="adapter 0 has 2 layers"):
+    with pytest.raises(ValueError, match="adapter 0 has 2 layers, model has only 1"):
         with use_adapters(model, [Adapter(torch.zeros(2, 4, hidden), torch.zeros(2, hidden, 4), 1.0)]):
             pass
     with pytest.raises(ValueError, match="do not fit o_proj"):
