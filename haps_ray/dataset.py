@@ -85,6 +85,7 @@ DERIVED_DOCS = {
     "reward": "R = (1 − λ)·shape(perf) − λ·Ĉ; shape(p) = −1 if p == 0 else p when reward.shaping, else p.",
 }
 KEY_COLUMNS = ("split", "problem_id", "z_index")
+LATER_COLUMNS = ("n_estimated_calls",)  # nullable columns D gained after rows had been written without them
 
 
 def describe_schema() -> str:
@@ -276,8 +277,9 @@ def empty_table() -> pa.Table:
 
 
 def rows_to_table(rows: list[dict]) -> pa.Table:
-    """Rows (dicts with every D column) to a table with exactly D_SCHEMA; names the first bad row."""
-    missing = [name for name in D_SCHEMA.names if rows and name not in rows[0]]
+    """Rows (dicts with every D column) to a table with exactly D_SCHEMA; names the first bad row. Columns added to
+    D later (`LATER_COLUMNS`) may be absent and are then null, as in files written before them."""
+    missing = [name for name in D_SCHEMA.names if rows and name not in rows[0] and name not in LATER_COLUMNS]
     if missing:
         raise ValueError(f"D row for problem {rows[0].get('problem_id')!r} lacks columns {missing}")
     try:

@@ -92,7 +92,13 @@ class CallRecord:
     tokens_estimated: bool = False  # n_input_tokens / n_output_tokens are estimates, not the server's usage
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Every field, except the failure/estimate fields when unset (`from_dict` restores them), so records of
+        calls that went well serialise as they did before those fields existed."""
+        data = asdict(self)
+        for name, unset in _UNSET_OPTIONAL.items():
+            if data[name] == unset:
+                del data[name]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> CallRecord:
@@ -102,6 +108,9 @@ class CallRecord:
         if unknown:
             raise ValueError(f"call record has unknown keys {unknown}")
         return cls(**data)
+
+
+_UNSET_OPTIONAL = {"error": None, "error_kind": None, "tokens_estimated": False}
 
 
 @dataclass
