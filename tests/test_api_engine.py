@@ -197,3 +197,14 @@ def test_api_config_rules():
     with pytest.raises(ConfigError, match=r"cost.composition_prices: no price for the teams \['large\+small'\]"):
         config_from_dict({"candidates": [{"name": "a", "model": "x", "size": "large"}, {"name": "b", "model": "y"}],
                           "cost": {"pricing": "composition", "composition_prices": {"small+small": 0.2, "large+large": 0.8}}})
+
+
+def test_a_key_refused_mid_run_stops_the_runner(server):
+    cfg = config_from_dict({"candidates": [{"name": "closed", "model": "x", "open_source": False,
+                                            "api": {"base_url": server.url, "model": "m", "api_key_env": "K"}}],
+                            "task": {"name": "mmlu", "max_rounds": 1}})
+    runner = EpisodeRunner({"closed": ApiEngineClient(engine(server.url, key="sk-revoked"))}, cfg.eval_decoding,
+                           PriceTable.from_candidates(cfg.candidates), cfg.reward)
+    episodes = [make_episode(cfg.task, mmlu_problem(i), {"teacher": "closed", "student": "closed"}) for i in range(2)]
+    with pytest.raises(ApiAuthError, match="HAPS_TEST_KEY"):  # re-raised, not turned into failed episodes
+        runner.run(episodes)
