@@ -7,6 +7,14 @@ adapter factors (non-leaf tensors that require grad cannot be serialised) and re
 result. `EnginePool` starts every candidate's replicas, checks they loaded the same weights, hands out lanes
 (one replica of every candidate) and replaces replicas that died.
 
+A closed candidate with an `api` block gets an EngineActor around a `haps_ray.engine.api.ApiEngine` instead (no
+weights loaded; a threaded actor, so the batches of several lanes are in flight at once, sharing the engine's
+`api.max_concurrency`), so D building, rollouts and evaluation use it unchanged. Its key is read from the driver's
+environment (`api.api_key_env`) and travels to the actor as a masked `Secret` (else the actor reads its own
+environment); `wait_ready` asks each API once for its model list, so a refused key stops everything before any
+work starts. With `api.serve_model` the pool first starts a `LoopbackEndpoint` serving that model on 127.0.0.1
+with a fresh random key, and the candidate's API actor talks to it over HTTP.
+
     pool = EnginePool(cfg)                                         # cfg.candidates, replicas each
     clients = pool.clients(lane=0)                                 # name -> EngineActorClient
     gens = clients["llama8b"].generate(messages, adapters, max_new_tokens=64).result()
@@ -17,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import socket
 import time
 from collections.abc import Sequence
@@ -27,7 +36,8 @@ import torch
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from haps_ray.config import CandidateConfig, ExperimentConfig
-from haps_ray.engine import Generation, LLMEngine, Messages
+from haps_ray.engine import FatalEngineError, Generation, LLMEngine, Messages
+from haps_ray.engine.api import ApiEngine, Secret, api_checksum
 from haps_ray.engine.teacher_forcing import Completion
 from haps_ray.lora import Adapter
 
@@ -36,6 +46,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 HEALTH_TIMEOUT_S = 60.0  # an engine busy with another caller's batch answers late but is alive
+API_ACTOR_CONCURRENCY = 32  # generate calls an API engine actor runs at once (they share api.max_concurrency)
 
 
 class RayPending(Generic[T]):
@@ -52,9 +63,13 @@ class RayPending(Generic[T]):
 class EngineActor:
     """One frozen LLM with per-sample LoRA, served to rollout workers, dataset workers and the learner."""
 
-    def __init__(self, candidate: CandidateConfig, lora_layers: int = 1) -> None:
+    def __init__(self, candidate: CandidateConfig, lora_layers: int = 1, api: dict[str, Any] | None = None) -> None:
+        """`api` (API candidates): ApiEngine keyword arguments (key, base_url, checksum) the pool resolved."""
         self.started = time.time()
         self.calls = 0
+        if candidate.api is not None:
+            self.engine = ApiEngine(candidate, **(api or {}))
+            return
         if candidate.torch_threads:
             torch.set_num_threads(candidate.torch_threads)
         self.engine = LLMEngine.from_config(candidate, lora_layers=lora_layers)
@@ -76,6 +91,11 @@ class EngineActor:
 
     def info(self) -> dict[str, Any]:
         return self.engine.info()
+
+    def check_access(self) -> bool:
+        """API engines: ask the endpoint once (a refused key raises ApiAuthError); local engines: True."""
+        check = getattr(self.engine, "check_access", None)
+        return True if check is None else check()
 
     def health(self) -> dict[str, Any]:
         """Liveness plus where the actor runs and how busy it has been."""
@@ -132,17 +152,51 @@ class EnginePool:
         self.lora_layers = cfg.router.lora_layers if lora_layers is None else lora_layers
         self.max_restarts = max_restarts
         self.counts = {c.name: replicas or c.replicas for c in cfg.candidates}
-        self.handles = {name: [self._start(c) for _ in range(self.counts[name])] for name, c in self.candidates.items()}
+        self.endpoints: dict[str, ray.actor.ActorHandle] = {}  # api.serve_model candidates' loopback endpoints
+        self._api_args: dict[str, dict[str, Any]] = {}
+        self.handles: dict[str, list[ray.actor.ActorHandle]] = {}
+        try:
+            for name, c in self.candidates.items():
+                if c.api is not None:
+                    self._api_args[name] = self._resolve_api(c)
+                self.handles[name] = [self._start(c) for _ in range(self.counts[name])]
+        except Exception:
+            self.shutdown()
+            raise
         self.checksums: dict[str, str] = {}
         self._info: dict[str, dict[str, Any]] = {}
 
+    def _resolve_api(self, candidate: CandidateConfig) -> dict[str, Any]:
+        """ApiEngine arguments of an API candidate: the driver's key, or a loopback endpoint of its own."""
+        if not candidate.api.serve_model:
+            key = os.environ.get(candidate.api.api_key_env)
+            return {"key": Secret(key)} if key else {}  # unset here: the actor reads its own environment
+        from actors.openai_endpoint import LoopbackEndpoint
+
+        key = Secret(secrets.token_urlsafe(24))
+        endpoint = LoopbackEndpoint.options(num_cpus=candidate.num_cpus, num_gpus=candidate.num_gpus).remote(candidate, key)
+        self.endpoints[candidate.name] = endpoint
+        url, weights = ray.get([endpoint.url.remote(), endpoint.checksum.remote()])
+        logger.info("candidate %s: %s served at %s", candidate.name, candidate.api.serve_model, url)
+        return {"key": key, "base_url": url, "checksum": api_checksum(candidate.api.model, f"serve_model:{weights}")}
+
     def _start(self, candidate: CandidateConfig) -> ray.actor.ActorHandle:
+        if candidate.api is not None:  # no weights: the endpoint (or the provider) does the work
+            cpus = 0 if candidate.api.serve_model else candidate.num_cpus
+            return EngineActor.options(num_cpus=cpus, num_gpus=0, max_concurrency=API_ACTOR_CONCURRENCY,
+                                       max_restarts=self.max_restarts, max_task_retries=self.max_restarts,
+                                       ).remote(candidate, self.lora_layers, self._api_args[candidate.name])
         return EngineActor.options(num_cpus=candidate.num_cpus, num_gpus=candidate.num_gpus, max_restarts=self.max_restarts,
                                    max_task_retries=self.max_restarts).remote(candidate, self.lora_layers)
 
     def wait_ready(self) -> list[str]:
         """Block until every engine loaded; returns checksums in candidate order (replicas must agree)."""
         for name, handles in self.handles.items():
+            if self.candidates[name].api is not None:
+                try:
+                    ray.get(handles[0].check_access.remote())
+                except FatalEngineError as err:  # Ray's error is also the engine's: re-raise that, one line
+                    raise getattr(err, "cause", err) from None
             infos = ray.get([h.info.remote() for h in handles])
             sums = {info["checksum"] for info in infos}
             if len(sums) != 1:
@@ -195,3 +249,5 @@ class EnginePool:
         for handles in self.handles.values():
             for handle in handles:
                 ray.kill(handle)
+        for endpoint in self.endpoints.values():
+            ray.kill(endpoint)

@@ -21,6 +21,8 @@ is not checked, so give it only values that already passed.
 from __future__ import annotations
 
 import copy
+import itertools
+import re
 import typing
 from pathlib import Path
 from collections.abc import Sequence
@@ -88,6 +90,53 @@ class Section(BaseModel):
 # ----------------------------------------------------------------------------------------------
 
 
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def env_var_name(value: str) -> str:
+    """Field validator of `api.api_key_env`: a variable's name, never a key. The message never repeats the value:
+    a key pasted here by mistake must not reach an error message or a log."""
+    if value and not ENV_NAME.fullmatch(value):
+        raise ValueError("must be the NAME of the environment variable holding the key (letters, digits, _), not the "
+                         "key itself; export the key in that variable")
+    return value
+
+
+class ApiConfig(Section):
+    """An OpenAI-compatible chat-completions endpoint serving a closed-source candidate (no local weights)."""
+
+    base_url: str = Field("", description=(
+        "Endpoint root, e.g. https://api.openai.com/v1 (the client appends /chat/completions); empty only with "
+        "serve_model."))
+    model: str = Field(min_length=1, description="Model name sent with every request, e.g. gpt-4.1-nano or deepseek-chat.")
+    api_key_env: Annotated[str, AfterValidator(env_var_name)] = Field("", description=(
+        "Name of the environment variable holding the API key (never the key itself; the key is read from the "
+        "environment, never written to logs, D, checkpoints or saved configs); empty only with serve_model."))
+    timeout_s: float = Field(60.0, gt=0, description="Seconds one HTTP request may take before it counts as failed (then retried).")
+    max_concurrency: int = Field(16, ge=1, description="Requests in flight at once to this endpoint (a batch is sent as that many concurrent calls).")
+    max_retries: int = Field(4, ge=0, description=(
+        "Retries of a request after a connection error, timeout, 408/409/429 or 5xx, with the openai client's "
+        "exponential backoff (0.5 s doubling to 8 s) or the server's Retry-After; then the call is recorded as failed."))
+    extra_body: dict[str, Any] = Field(default_factory=dict, description=(
+        "Extra JSON fields sent with every request (e.g. {seed: 0} or provider options)."))
+    tokenizer: str = Field("", description=(
+        "Tokenizer (same forms as candidates[].model) counting a call's tokens when the reply has no usage; empty = "
+        "estimate (4 characters per token) and flag the counts as estimated in the call record and in D."))
+    serve_model: str = Field("", description=(
+        "Offline stand-in for a closed API: the pipeline serves this model (same forms as candidates[].model) behind "
+        "an OpenAI-compatible endpoint on 127.0.0.1 with a key of its own, and routes to it over HTTP like any API."))
+
+    @model_validator(mode="after")
+    def _endpoint_given(self) -> ApiConfig:
+        if not self.serve_model:
+            for name in ("base_url", "api_key_env"):
+                if not getattr(self, name):
+                    raise rule_broken(name, "required unless serve_model names a model to serve on 127.0.0.1")
+        elif self.base_url:
+            raise rule_broken("base_url", "give base_url or serve_model, not both (serve_model starts its own endpoint)")
+        return self
+
+
 class CandidateConfig(Section):
     """One candidate LLM of the pool (an engine the router can assign to a role)."""
 
@@ -119,6 +168,18 @@ class CandidateConfig(Section):
         "While decoding, an SDPA model attends in runs of rows of similar length instead of every row over the "
         "longest one (same outputs up to float rounding; pays when prompt lengths differ, see benchmarks/RESULTS.md)."
     ))
+    api: ApiConfig | None = Field(None, description=(
+        "Set for a closed-source candidate reached over an OpenAI-compatible API (no weights are loaded; model is "
+        "then only a label); requires open_source: false."))
+    size: Literal["small", "large"] = Field("small", description=(
+        "Size class of the candidate, used by cost.pricing: composition (the paper's RQ5 team prices)."))
+
+    @model_validator(mode="after")
+    def _api_is_closed(self) -> CandidateConfig:
+        if self.api is not None and self.open_source:
+            raise rule_broken("open_source", "an api candidate is closed-source (its weights are not here, so no "
+                              "adapter and no gradient): set open_source: false")
+        return self
 
 
 class DecodingConfig(Section):
@@ -233,6 +294,9 @@ class DatasetConfig(Section):
     max_engine_restarts: int = Field(3, ge=0,
                                      description="Dead actors (engines, workers) replaced, their batch re-queued, at most this often per build.")
     progress_every_s: float = Field(30.0, gt=0, description="Seconds between progress lines (done, episodes/s, ETA).")
+    max_unavailable_requeues: int = Field(3, ge=0, description=(
+        "Batches re-queued per build, at most, because every call to one engine failed for an infrastructure reason "
+        "(an API down: connection refused, 5xx, timeouts, after its retries); one more stops the build."))
 
 
 class SFTConfig(Section):
@@ -390,6 +454,31 @@ class SweepConfig(Section):
         "The shared engines sit outside every trial's reservation."))
 
 
+class CostConfig(Section):
+    """How an episode's token counts become USD (the cost term of the reward)."""
+
+    pricing: Literal["candidate", "composition"] = Field("candidate", description=(
+        "candidate: each call costs (n_in·price_in + n_out·price_out)/1e6 at its candidate's prices; composition: "
+        "every token of an episode costs the price of its team (the candidates' size classes per role, see "
+        "composition_prices), as in the paper's cost-aware table (RQ5)."))
+    composition_prices: dict[str, float] = Field(
+        default_factory=lambda: {"small+small": 0.2, "large+small": 0.5, "large+large": 0.8}, description=(
+            "USD per 1M tokens (in and out alike) of a team, keyed by its sorted size classes joined by '+' "
+            "(paper RQ5: Small+Small 0.2, Mixed = large+small 0.5, Large+Large 0.8)."))
+
+    @model_validator(mode="after")
+    def _prices_non_negative(self) -> CostConfig:
+        for key, price in self.composition_prices.items():
+            if price < 0:
+                raise rule_broken("composition_prices", f"price of {key!r} must be >= 0, got {price}")
+        return self
+
+
+def composition_label(sizes: Sequence[str]) -> str:
+    """The key of a team in `cost.composition_prices`: its size classes sorted and joined by '+'."""
+    return "+".join(sorted(sizes))
+
+
 class ExperimentConfig(Section):
     """Everything one HAPS run needs; `tune_configs/*.yaml` map onto this 1:1."""
 
@@ -413,6 +502,7 @@ class ExperimentConfig(Section):
     rl: RLConfig = Field(default_factory=RLConfig, description="Joint RL.")
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig, description="The results table.")
     sweep: SweepConfig = Field(default_factory=SweepConfig, description="Ray Tune sweep (pipelines.tune).")
+    cost: CostConfig = Field(default_factory=CostConfig, description="Episode cost: per-candidate or per-composition prices.")
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> ExperimentConfig:
@@ -421,6 +511,12 @@ class ExperimentConfig(Section):
         names = [c.name for c in self.candidates]
         if len(set(names)) != len(names):
             raise rule_broken("candidates", f"names must be unique, got {names}")
+        if self.cost.pricing == "composition":
+            teams = {composition_label(t) for t in itertools.product({c.size for c in self.candidates},
+                                                                       repeat=len(self.task.roles))}
+            missing = sorted(teams - set(self.cost.composition_prices))
+            if missing:
+                raise rule_broken("cost.composition_prices", f"no price for the teams {missing} this pool can form")
         return self
 
     @model_validator(mode="after")
@@ -482,7 +578,11 @@ def section_at(cls: type[BaseModel], loc: tuple[str | int, ...]) -> type[BaseMod
     for part in loc:
         if isinstance(part, str):
             annotation = cls.model_fields[part].annotation
-            cls = typing.get_args(annotation)[0] if typing.get_origin(annotation) is list else annotation
+            args = typing.get_args(annotation)
+            if typing.get_origin(annotation) is list:
+                cls = args[0]
+            else:  # a section, or `Section | None`
+                cls = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), annotation)
     return cls
 
 
@@ -583,7 +683,11 @@ def describe_config(cls: type[BaseModel] = ExperimentConfig, prefix: str = "",
         else:
             default = info.get_default(call_default_factory=True)
         item = typing.get_args(info.annotation)[0] if typing.get_origin(info.annotation) is list else None
-        if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+        optional = [a for a in typing.get_args(info.annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if optional and typing.get_origin(info.annotation) is not list:  # `Section | None`: its fields, unset by default
+            rows.append((f"{prefix}{name}", repr(default), info.description or ""))
+            rows.extend(describe_config(optional[0], f"{prefix}{name}."))
+        elif isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
             rows.extend(describe_config(info.annotation, f"{prefix}{name}.", default))
         elif isinstance(item, type) and issubclass(item, BaseModel):
             rows.extend(describe_config(item, f"{prefix}{name}[]."))

@@ -31,7 +31,7 @@ from haps_ray.engine.client import EngineClient, RetrieverClient
 from haps_ray.episodes import EpisodeResult, EpisodeRunner
 from haps_ray.rl.cost import CostNormalizer, PriceTable
 from haps_ray.rl.rewards import combine_reward
-from haps_ray.tasks import CallRecord, Problem, Retrieval, make_episode
+from haps_ray.tasks import CallRecord, ErrorKind, Problem, Retrieval, make_episode
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,8 @@ D_SCHEMA = pa.schema([
     _f("engine_output_tokens", pa.list_(pa.int64()), "Output tokens per candidate (aligned with engine_names)."),
     _f("n_calls", pa.int32(), "LLM calls in the episode."),
     _f("n_malformed", pa.int32(), "Calls whose output could not be parsed (the protocol went on)."),
-    _f("error", pa.string(), "Set when the episode ended on an internal error (perf is then 0).", nullable=True),
+    _f("error", pa.string(), "Set when the episode ended on an internal error (perf is then 0), or says which calls "
+       "failed after an API's retries (each recorded as a malformed turn; the episode went on).", nullable=True),
     _f("trajectory", pa.string(), "JSON: every call's role, engine, prompt, completion, parsed action, tokens."),
     _f("engine_names", pa.list_(pa.string()), "Candidate names in config order (the meaning of z)."),
     _f("engine_checksums", pa.list_(pa.string()), "sha256 of each candidate's weights (aligned with engine_names)."),
@@ -74,6 +75,8 @@ D_SCHEMA = pa.schema([
     _f("top_p", pa.float64(), "Decoding: nucleus mass."),
     _f("seed", pa.int64(), "Seed of the lock-step run that produced the row (call seeds derive from it, step, engine)."),
     _f("batch_id", pa.string(), "Name of the committed batch file the row came from."),
+    _f("n_estimated_calls", pa.int32(), "Calls whose token counts (so cost) are estimates: an API reply without usage "
+       "and no api.tokenizer (null in rows written before this column).", nullable=True),
 ])
 
 # Columns `with_reward` adds on read (never stored).
@@ -82,6 +85,7 @@ DERIVED_DOCS = {
     "reward": "R = (1 − λ)·shape(perf) − λ·Ĉ; shape(p) = −1 if p == 0 else p when reward.shaping, else p.",
 }
 KEY_COLUMNS = ("split", "problem_id", "z_index")
+LATER_COLUMNS = ("n_estimated_calls",)  # nullable columns D gained after rows had been written without them
 
 
 def describe_schema() -> str:
@@ -147,6 +151,11 @@ class EngineFailure(RuntimeError):
     """
 
 
+class EngineUnavailable(EngineFailure):
+    """Every call a batch made to one engine failed for an infrastructure reason (an API down: connection refused,
+    5xx, timeouts, after the client's retries). The batch is not committed; the builder re-queues it."""
+
+
 @dataclass
 class BatchSpec:
     """One lock-step batch: episodes (problem, z) of a single split, committed as one file."""
@@ -200,7 +209,7 @@ def episode_row(result: EpisodeResult, spec: BatchSpec, z: tuple[int, ...], cfg:
         "trajectory": json.dumps(trajectory, ensure_ascii=False), "engine_names": names,
         "engine_checksums": list(checksums), "max_new_tokens": cfg.eval_decoding.max_new_tokens,
         "temperature": cfg.eval_decoding.temperature, "top_p": cfg.eval_decoding.top_p, "seed": spec.seed,
-        "batch_id": spec.batch_id,
+        "batch_id": spec.batch_id, "n_estimated_calls": sum(c.tokens_estimated for c in result.calls),
     }
 
 
@@ -236,18 +245,25 @@ def run_batch(spec: BatchSpec, engines: Mapping[str, EngineClient], cfg: Experim
     """Run a batch's episodes in lock-step (frozen engines, no adapters) and return its D rows.
 
     `engines` maps candidate name to an `EngineClient`. Decoding is `cfg.eval_decoding`. Raises `EngineFailure`
-    when any engine call or retrieval failed.
+    when an engine call or retrieval failed outright (the episodes ended), and `EngineUnavailable` when every call to
+    some engine failed for an infrastructure reason. Single calls an API failed after its retries stay in their
+    rows as malformed turns with the episode's `error` saying so: a sporadic failure is part of what z costs.
     """
     names = [c.name for c in cfg.candidates]
     episodes = [make_episode(cfg.task, p, {role: names[i] for role, i in zip(cfg.task.roles, z, strict=True)}, adapters={})
                 for p, z in zip(spec.problems, spec.zs, strict=True)]
-    runner = EpisodeRunner(engines, cfg.eval_decoding, PriceTable.from_candidates(cfg.candidates), cfg.reward,
+    runner = EpisodeRunner(engines, cfg.eval_decoding, PriceTable.from_config(cfg), cfg.reward,
                            retriever=retriever, seed=spec.seed)
     results = runner.run(episodes, seed=spec.seed)
     failed = [r for r in results if r.infrastructure_failure]
     if failed:
         raise EngineFailure(f"batch {spec.batch_id}: {len(failed)} episodes hit infrastructure errors, "
                             f"first ({failed[0].problem_id}): {failed[0].error}")
+    calls = [c for r in results for c in r.calls]
+    for name in names:
+        mine = [c for c in calls if c.engine == name]
+        if mine and all(c.error_kind == ErrorKind.ENGINE.value for c in mine):
+            raise EngineUnavailable(f"batch {spec.batch_id}: all {len(mine)} calls to {name} failed; first: {mine[0].error}")
     return [episode_row(r, spec, z, cfg, checksums) for r, z in zip(results, spec.zs)]
 
 
@@ -261,8 +277,9 @@ def empty_table() -> pa.Table:
 
 
 def rows_to_table(rows: list[dict]) -> pa.Table:
-    """Rows (dicts with every D column) to a table with exactly D_SCHEMA; names the first bad row."""
-    missing = [name for name in D_SCHEMA.names if rows and name not in rows[0]]
+    """Rows (dicts with every D column) to a table with exactly D_SCHEMA; names the first bad row. Columns added to
+    D later (`LATER_COLUMNS`) may be absent and are then null, as in files written before them."""
+    missing = [name for name in D_SCHEMA.names if rows and name not in rows[0] and name not in LATER_COLUMNS]
     if missing:
         raise ValueError(f"D row for problem {rows[0].get('problem_id')!r} lacks columns {missing}")
     try:

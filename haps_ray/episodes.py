@@ -11,7 +11,10 @@ So a run makes at most (steps x engines) generate calls, however many episodes i
 
 Sampling is seeded per call from the run's seed, the step and the engine, so a run is reproducible.
 Nothing an episode does can stop the runner: a failing engine call, retrieval or parse marks the episodes
-involved as failed (their result carries `error` and `error_kind`) and the others go on.
+involved as failed (their result carries `error` and `error_kind`) and the others go on. An engine that returns a
+failed generation for one call (an API call that failed after its retries) costs that call only: the episode records
+it as a malformed turn and goes on (error_kind CALL_FAILED). A `FatalEngineError` (an API refusing its key) is
+re-raised: no episode can succeed on that engine, so the caller must stop.
 
     runner = EpisodeRunner({name: LocalEngineClient(engine)}, cfg.eval_decoding, PriceTable.from_candidates(...),
                            cfg.reward, retriever=LocalRetrieverClient(retriever))
@@ -26,7 +29,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from haps_ray.config import DecodingConfig, RewardConfig
-from haps_ray.engine.client import EngineClient, RetrieverClient
+from haps_ray.engine.client import EngineClient, FatalEngineError, RetrieverClient
 from haps_ray.rl.cost import CostNormalizer, PriceTable, TokenCounts
 from haps_ray.rl.rewards import combine_reward, task_performance
 from haps_ray.tasks.protocol import CallRecord, Episode, ErrorKind, PendingCall, Retrieval
@@ -215,6 +218,8 @@ class EpisodeRunner:
                     top_p=self.decoding.top_p, stop=sorted({s for ep, _ in batch for s in ep.stop}) or None,
                     seed=seeds[name],
                 )
+            except FatalEngineError:
+                raise
             except Exception as err:
                 submitted[name] = err
                 continue
@@ -226,6 +231,8 @@ class EpisodeRunner:
             if not isinstance(outcome, Exception):
                 try:
                     outcome = outcome.result()
+                except FatalEngineError:
+                    raise
                 except Exception as err:
                     outcome = err
             if isinstance(outcome, Exception) or len(outcome) != len(batch):
@@ -251,7 +258,7 @@ class EpisodeRunner:
             problem_id=ep.problem.id, task=ep.task, assignment=dict(ep.assignment),
             calls=list(ep.calls), final_answer=ep.final_answer, gold=ep.problem.answer,
             perf=task_performance(ep.task, ep.final_answer, ep.problem.answer, self.reward.metric),
-            reward=None, cost=self.prices.episode_cost(tokens), cost_norm=None, tokens=tokens,
+            reward=None, cost=self.prices.episode_cost(tokens, ep.assignment), cost_norm=None, tokens=tokens,
             n_calls=len(ep.calls), n_steps=n_steps, n_malformed=sum(c.malformed for c in ep.calls),
             retrievals=list(ep.retrieved), error=ep.error, error_kind=ep.error_kind,
         )

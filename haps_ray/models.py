@@ -313,3 +313,21 @@ def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
+
+
+def load_tokenizer(source: str, cache_dir: str | os.PathLike | None = None) -> PreTrainedTokenizerBase:
+    """The prepared tokenizer `load_model(source)` would return, without loading weights (sources as there;
+    a pack's tokenizer is extracted once into the cache). Counts tokens of closed API candidates."""
+    cache = packs.cache_root(cache_dir)
+    if source in packs.PACKS:
+        tokenizer = AutoTokenizer.from_pretrained(packs.pack_tokenizer_dir(packs.PACKS[source], cache))
+    elif source.startswith("tiny-") and source[len("tiny-") :] in TINY_SHAPES:
+        return _tiny_config(source[len("tiny-") :], cache_dir)[1]
+    elif Path(source).expanduser().is_dir():
+        tokenizer = AutoTokenizer.from_pretrained(Path(source).expanduser())
+    elif re.fullmatch(r"[\w.-]+/[\w.-]+", source):
+        tokenizer = AutoTokenizer.from_pretrained(source, cache_dir=str(cache_dir) if cache_dir is not None else None)
+    else:
+        raise UnknownModelError(f"tokenizer source {source!r}: not a pack, a tiny builder, a local directory or an HF hub id")
+    _prepare_tokenizer(tokenizer)
+    return tokenizer

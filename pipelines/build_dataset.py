@@ -17,7 +17,11 @@ lane. Exactly once: a batch's rows are committed as one Parquet file named by a 
 (atomic write), so re-running a batch overwrites its own file, and a resumed build plans only the (problem, z) not
 yet in D. A worker or engine process that dies is restarted by Ray, which retries what it was running. An engine
 killed for good fails its batch: the scheduler replaces it and re-queues the batch whole. A failure with every actor
-alive is a bug and stops the build (committed batches stay for the resume).
+alive is a bug and stops the build (committed batches stay for the resume). A batch whose every call to one engine
+failed for an infrastructure reason (an API down) is re-queued as well, up to `dataset.max_unavailable_requeues`
+times per build (`BuildReport.unavailable_batches`); single API calls failing after their retries are kept in
+their rows (see `haps_ray.dataset.run_batch`). A `FatalEngineError` (an API refusing its key) stops the build at
+once with its own one-line message; the pool checks every key before the first batch, so no row is written then.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from haps_ray import dataset as D
 from haps_ray import storage
 from haps_ray.config import ExperimentConfig
 from haps_ray.dataset_labels import label_summary_markdown, sft_labels, static_baselines, write_baselines
+from haps_ray.engine.client import FatalEngineError
 from haps_ray.metrics import Progress
 from haps_ray.rl.cost import CostNormalizer
 from haps_ray.tasks import Problem
@@ -84,6 +89,9 @@ class BuildReport:
     committed_episodes: int = 0
     committed_batches: int = 0
     requeued_batches: int = 0
+    unavailable_batches: int = 0  # of those, re-queued because an engine (an API) failed every call of the batch
+    failed_calls: int = 0  # calls of committed rows that failed after an API's retries (kept as malformed turns)
+    estimated_calls: int = 0  # calls of committed rows whose token counts are estimates (no usage, no tokenizer)
     engine_restarts: int = 0
     duplicates_on_read: int = 0
     missing: int = 0
@@ -163,6 +171,12 @@ class DatasetBuilder:
                 lane, spec, engines = in_flight.pop(ref)
                 try:
                     rows = ray.get(ref)
+                except FatalEngineError as err:  # Ray's error is also the engine's: raise that, one line
+                    raise getattr(err, "cause", err) from None
+                except D.EngineUnavailable as err:
+                    self._requeue_unavailable(spec, report, err)
+                    queue.append(spec)  # to the back: give the endpoint the other batches' time to come back
+                    continue
                 except (RayActorError, D.EngineFailure) as err:
                     self._recover(spec, engines, actors, report, err)
                     queue.appendleft(spec)
@@ -170,9 +184,22 @@ class DatasetBuilder:
                 self._commit(spec, rows)
                 report.committed_batches += 1
                 report.committed_episodes += len(rows)
+                for row in rows:
+                    calls = json.loads(row["trajectory"])["calls"]
+                    report.failed_calls += sum(c.get("error") is not None for c in calls)
+                    report.estimated_calls += row["n_estimated_calls"]
                 progress.update(len(rows))
                 if callback:
                     callback("commit", {"batch_id": spec.batch_id, "lane": lane, "split": spec.split, "rows": len(rows)})
+
+    def _requeue_unavailable(self, spec: D.BatchSpec, report: BuildReport, err: Exception) -> None:
+        report.unavailable_batches += 1
+        report.requeued_batches += 1
+        limit = self.cfg.dataset.max_unavailable_requeues
+        if report.unavailable_batches > limit:
+            raise RuntimeError(f"{report.unavailable_batches} batches found an engine unavailable, more than "
+                               f"dataset.max_unavailable_requeues={limit}; last: {err}") from None
+        logger.warning("batch %s re-queued: %s", spec.batch_id, err)
 
     def _recover(self, spec: D.BatchSpec, engines: dict[str, Any], actors: BuildActors, report: BuildReport,
                  err: Exception) -> None:

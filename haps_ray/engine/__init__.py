@@ -13,12 +13,12 @@ hf_internals.py (every private transformers internal used), buckets.py (grouping
 from haps_ray.engine.buckets import Buckets, bucket_by_engine
 from haps_ray.engine.chat import ChatEncoder, Messages
 from haps_ray.engine.client import (
-    Deferred, EngineClient, LocalEngineClient, LocalRetrieverClient, Pending, RetrieverClient,
+    Deferred, EngineClient, FatalEngineError, LocalEngineClient, LocalRetrieverClient, Pending, RetrieverClient,
 )
 from haps_ray.engine.generator import Generation
 from haps_ray.engine.llm import LLMEngine
 
 __all__ = [
-    "Buckets", "ChatEncoder", "Deferred", "EngineClient", "Generation", "LLMEngine", "LocalEngineClient",
+    "Buckets", "ChatEncoder", "Deferred", "EngineClient", "FatalEngineError", "Generation", "LLMEngine", "LocalEngineClient",
     "LocalRetrieverClient", "Messages", "Pending", "RetrieverClient", "bucket_by_engine",
 ]

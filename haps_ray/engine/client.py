@@ -27,6 +27,11 @@ T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
 
 
+class FatalEngineError(RuntimeError):
+    """An engine failure no retry or re-queue can fix (an API refusing its key): callers re-raise it instead of
+    failing the episodes involved, so a dataset build or a training run stops at once with this message."""
+
+
 class Pending(Protocol[T_co]):
     """A result still to come (a `concurrent.futures.Future` satisfies this too)."""
 

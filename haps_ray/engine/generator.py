@@ -42,7 +42,10 @@ class Generation:
     logprobs: list[float]
     n_input_tokens: int
     n_output_tokens: int
-    finish_reason: str  # "stop" | "length"
+    finish_reason: str  # "stop" | "length" | "error" (an API call that failed after its retries)
+    error: str | None = None  # why the call failed (API engines): the episode records it as a malformed turn
+    error_kind: str | None = None  # haps_ray.tasks.protocol.ErrorKind value of that failure
+    tokens_estimated: bool = False  # token counts are estimates (an API reply without usage, no tokenizer)
 
 
 def chunks(n: int, size: int) -> list[slice]:

@@ -1,7 +1,10 @@
 """Token accounting, USD prices per engine and the frozen min-max cost normaliser.
 
 Cost of one call = (n_in · price_in + n_out · price_out) / 1e6 with prices in USD per 1M tokens (the
-candidate's `price_in` / `price_out`). An episode's cost is the sum over its calls. The normaliser is
+candidate's `price_in` / `price_out`). An episode's cost is the sum over its calls. With `cost.pricing:
+composition` (the paper's RQ5 table) every token of an episode instead costs its team's price: the candidates'
+size classes per role, sorted and joined by '+' (small+small $0.2, large+small "Mixed" $0.5, large+large $0.8 per
+1M tokens by default), so the cost-aware table can be reproduced exactly. The normaliser is
 fitted once on the train split's episode costs, then frozen and reused for valid/test (paper App. F):
 
     norm = CostNormalizer.fit(train_costs)
@@ -18,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from haps_ray import storage
-from haps_ray.config import CandidateConfig
+from haps_ray.config import CandidateConfig, ExperimentConfig, composition_label
 
 
 @dataclass
@@ -53,17 +56,38 @@ class TokenCounts:
 
 
 class PriceTable:
-    """USD per 1M input / output tokens for each engine name."""
+    """USD per 1M input / output tokens for each engine name, or per team (`composition`: team label -> USD per
+    1M tokens, with `sizes`: engine name -> size class)."""
 
-    def __init__(self, prices: dict[str, tuple[float, float]]) -> None:
+    def __init__(self, prices: dict[str, tuple[float, float]], composition: dict[str, float] | None = None,
+                 sizes: dict[str, str] | None = None) -> None:
         for name, (p_in, p_out) in prices.items():
             if p_in < 0 or p_out < 0:
                 raise ValueError(f"price of {name!r} must be >= 0, got in={p_in} out={p_out}")
+        if composition is not None and set(sizes or {}) != set(prices):
+            raise ValueError(f"composition pricing needs a size class for every engine {sorted(prices)}, got {sorted(sizes or {})}")
         self.prices = dict(prices)
+        self.composition = None if composition is None else dict(composition)
+        self.sizes = dict(sizes or {})
 
     @classmethod
     def from_candidates(cls, candidates: Sequence[CandidateConfig]) -> PriceTable:
         return cls({c.name: (c.price_in, c.price_out) for c in candidates})
+
+    @classmethod
+    def from_config(cls, cfg: ExperimentConfig) -> PriceTable:
+        """Prices as `cfg.cost.pricing` says: per candidate, or per team composition."""
+        table = cls.from_candidates(cfg.candidates)
+        if cfg.cost.pricing == "composition":
+            table = cls(table.prices, cfg.cost.composition_prices, {c.name: c.size for c in cfg.candidates})
+        return table
+
+    def team_price(self, assignment: dict[str, str]) -> float:
+        """USD per 1M tokens of the team `assignment` (role -> engine) under composition pricing."""
+        label = composition_label([self.sizes[name] for name in assignment.values()])
+        if label not in self.composition:
+            raise KeyError(f"no composition price for team {label!r} (known: {sorted(self.composition)})")
+        return self.composition[label]
 
     def call_cost(self, engine: str, n_in: int, n_out: int) -> float:
         """USD of one call on `engine`."""
@@ -72,8 +96,12 @@ class PriceTable:
         p_in, p_out = self.prices[engine]
         return (n_in * p_in + n_out * p_out) / 1e6
 
-    def episode_cost(self, tokens: TokenCounts) -> float:
-        """USD of an episode from its per-engine token counts."""
+    def episode_cost(self, tokens: TokenCounts, assignment: dict[str, str] | None = None) -> float:
+        """USD of an episode from its per-engine token counts (and, under composition pricing, its team)."""
+        if self.composition is not None:
+            if assignment is None:
+                raise ValueError("composition pricing needs the episode's assignment (role -> engine)")
+            return (tokens.total_in + tokens.total_out) * self.team_price(assignment) / 1e6
         return sum(self.call_cost(name, c["in"], c["out"]) for name, c in tokens.by_engine.items())
 
 

@@ -79,7 +79,7 @@ class LocalRollouts:
 
     def __init__(self, cfg: ExperimentConfig, engines: Mapping[str, EngineClient],
                  normalizer: CostNormalizer | None = None, retriever: RetrieverClient | None = None, seed: int = 0) -> None:
-        prices = PriceTable.from_candidates(cfg.candidates)
+        prices = PriceTable.from_config(cfg)
         self.cfg, self.engines = cfg, dict(engines)
         self.names = [c.name for c in cfg.candidates]
         self.runners = {

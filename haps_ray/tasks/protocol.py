@@ -87,9 +87,18 @@ class CallRecord:
     adapter: bool = False
     seed: int | None = None
     step: int = 0
+    error: str | None = None  # the call failed after the engine's retries (text is empty, the turn malformed)
+    error_kind: str | None = None  # ErrorKind value of that failure: engine (infrastructure) or request
+    tokens_estimated: bool = False  # n_input_tokens / n_output_tokens are estimates, not the server's usage
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Every field, except the failure/estimate fields when unset (`from_dict` restores them), so records of
+        calls that went well serialise as they did before those fields existed."""
+        data = asdict(self)
+        for name, unset in _UNSET_OPTIONAL.items():
+            if data[name] == unset:
+                del data[name]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> CallRecord:
@@ -99,6 +108,9 @@ class CallRecord:
         if unknown:
             raise ValueError(f"call record has unknown keys {unknown}")
         return cls(**data)
+
+
+_UNSET_OPTIONAL = {"error": None, "error_kind": None, "tokens_estimated": False}
 
 
 @dataclass
@@ -123,6 +135,8 @@ class ErrorKind(str, Enum):
     RETRIEVAL = "retrieval"  # the retriever failed
     PROTOCOL = "protocol"  # the protocol broke its own rules (call cap, no next step)
     INTERNAL = "internal"  # parsing or advancing the episode raised: a bug
+    REQUEST = "request"  # an engine refused one call's request (an API's 4xx other than auth): the call's own doing
+    CALL_FAILED = "call_failed"  # calls failed after their retries; each was recorded as a malformed turn, the episode went on
 
     @property
     def infrastructure(self) -> bool:
@@ -146,6 +160,8 @@ class Episode:
         self.retrieved: list[Retrieval] = []
         self.done = False
         self._pending: PendingCall | None = None
+        self._failed_calls = 0  # calls that failed after an engine's retries (recorded as malformed turns)
+        self._first_failure: str | None = None
 
     # ---- what the driver reads ------------------------------------------------------------------
 
@@ -186,6 +202,15 @@ class Episode:
             record.n_input_tokens = int(generation.n_input_tokens)
             record.n_output_tokens = int(generation.n_output_tokens)
             record.finish_reason = str(generation.finish_reason)
+            record.tokens_estimated = bool(getattr(generation, "tokens_estimated", False))
+            error = getattr(generation, "error", None)
+            if error is not None:  # failed after retries: a malformed turn, and the episode says what happened
+                record.error, record.error_kind, record.malformed = str(error), generation.error_kind, True
+                self._failed_calls += 1
+                if self._first_failure is None:
+                    self._first_failure = f"{call.role} on {record.engine}: {error}"
+                self.error = f"{self._failed_calls} call(s) failed after retries; first: {self._first_failure}"
+                self.error_kind = ErrorKind.CALL_FAILED
         self.calls.append(record)
         self._on_turn(call.role, parsed)
         if not self.done and len(self.calls) >= self.max_calls and self._pending is not None:
