@@ -375,6 +375,47 @@ class EvaluationConfig(Section):
     ))
 
 
+BASELINE_ROUTERS = ("routellm", "graphrouter", "irt", "hierrouter")
+
+
+class BaselinesConfig(Section):
+    """Baseline routers fitted on D (`pipelines.baselines`, the `baselines` stage of `pipelines.run`) and evaluated
+    next to HAPS: RouteLLM (matrix factorisation), GraphRouter, IRT-Router (MIRT), HierRouter (PPO via RLlib)."""
+
+    routers: Annotated[list[Literal["routellm", "graphrouter", "irt", "hierrouter"]], AfterValidator(unique)] = Field(
+        default_factory=lambda: list(BASELINE_ROUTERS), description=(
+            "Which baselines to fit and evaluate (routellm, graphrouter, irt, hierrouter); empty = none (the stage "
+            "then fits nothing)."))
+    encoder: str = Field("all-minilm-l6-v2", min_length=1, description=(
+        "Query embeddings every baseline reads: 'all-minilm-l6-v2' (offline pack), 'router' (the router backbone's "
+        "mean-pooled final states of the query), or an HF encoder id / local directory; computed once per problem "
+        "and cached under <run_dir>/baselines/embeddings."))
+    routellm_threshold: float = Field(0.5, ge=0, lt=1, description=(
+        "RouteLLM: route to the assignment with the best learned score only when its predicted win probability over "
+        "the cheapest assignment (the 'weak model') is at least this; else the cheapest (0.5 = always the best)."))
+    epochs: int = Field(200, ge=1, description=(
+        "Full-batch training epochs of RouteLLM, GraphRouter and IRT-Router; the epoch with the best valid reward "
+        "(greedy routes scored from D) is kept."))
+    hidden: int = Field(64, ge=1, description=(
+        "Width of the learned representations: RouteLLM's model/query embedding, IRT-Router's ability dimension, "
+        "GraphRouter's node states."))
+    irt_warmup_k: int = Field(5, ge=0, description=(
+        "IRT-Router cold-start warm-up: a query's embedding is mixed with the mean of its k most similar train "
+        "queries' embeddings; 0 turns warm-up off."))
+    irt_warmup_weight: float = Field(0.3, ge=0, le=1, description=(
+        "IRT-Router warm-up: weight of the neighbours' mean in the mix ((1-w)*own + w*neighbours)."))
+    ppo_iterations: int = Field(30, ge=1, description=(
+        "HierRouter: RLlib PPO training iterations; the iteration with the best valid reward is kept."))
+    ppo_env_runners: int = Field(1, ge=0, description=(
+        "HierRouter: RLlib env-runner actors sampling episodes on the local Ray (0 = sample in the driver)."))
+    ppo_train_batch: int = Field(256, ge=8, description=(
+        "HierRouter: environment steps per PPO iteration (train_batch_size_per_learner; one step per role)."))
+    ppo_lr: float = Field(1e-3, ge=0, description="HierRouter: PPO learning rate (Adam).")
+    invalid_penalty: float = Field(-1.0, description=(
+        "HierRouter: terminal reward of an episode whose choice leaves no assignment D holds for the problem (the "
+        "environment masks unavailable choices this way, not by RLlib action masking)."))
+
+
 class ParamSpace(Section):
     """How one searched config field varies over a sweep: exactly one of grid, choice, uniform, loguniform."""
 
@@ -503,6 +544,7 @@ class ExperimentConfig(Section):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig, description="The results table.")
     sweep: SweepConfig = Field(default_factory=SweepConfig, description="Ray Tune sweep (pipelines.tune).")
     cost: CostConfig = Field(default_factory=CostConfig, description="Episode cost: per-candidate or per-composition prices.")
+    baselines: BaselinesConfig = Field(default_factory=BaselinesConfig, description="Baseline routers fitted on D.")
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> ExperimentConfig:

@@ -9,6 +9,9 @@ Rows (greedy router, greedy decoding, requests bucketed by engine with per-sampl
 - w/o high-level router     uniform random z (seeded), adapters from the heads; and each fixed z with adapters
                             (`evaluation.fixed_assignments`)
 - extra policies            e.g. the w/o-parameter-sharing policy, trained separately
+- baselines                 every router of `baselines.routers` fitted by `pipelines.baselines` (RouteLLM,
+                            GraphRouter, IRT-Router, HierRouter): its z, frozen engines, live episodes; and the
+                            same routes read from D ("<router> (D)") where D holds the split
 - oracle / fixed / random   from the action-level dataset D (frozen engines), when D holds the split
 Outputs: <run_dir>/eval/results.{md,csv,png} and results.json.
 """
@@ -28,10 +31,12 @@ from typing import Any
 from actors.rl import RLActors
 from haps_ray import dataset as D
 from haps_ray import storage
+from haps_ray.baselines.evaluation import d_row, frozen_plans
 from haps_ray.config import ExperimentConfig
 from haps_ray.dataset_labels import static_baselines
 from haps_ray.report import ResultRow, summarize, write_report
 from haps_ray.rl.trainer import EVAL, Learner, Rollouts
+from pipelines import baselines as baseline_stage
 from pipelines import common
 
 logger = logging.getLogger("pipelines.evaluate")
@@ -39,8 +44,10 @@ logger = logging.getLogger("pipelines.evaluate")
 MAX_FIXED_ROWS = 16  # every fixed z gets its own row only while |Z| stays readable
 
 
-def d_rows(cfg: ExperimentConfig, splits: Sequence[str]) -> list[ResultRow]:
-    """Oracle, best fixed and uniform-random rows from D (frozen engines, no adapters)."""
+def d_rows(cfg: ExperimentConfig, splits: Sequence[str],
+           routes: dict[str, tuple[Sequence[Any], dict[str, list[tuple[int, ...]]]]] | None = None) -> list[ResultRow]:
+    """Oracle, best fixed and uniform-random rows from D (frozen engines, no adapters), and each baseline's routes
+    (`routes`: split -> (problems, {label: zs})) read from D where D holds every routed (problem, z)."""
     d_uri = storage.join(common.dataset_dir(cfg), "D")
     if not storage.exists(d_uri):
         logger.info("no D at %s: oracle and static baselines are left out", d_uri)
@@ -52,22 +59,41 @@ def d_rows(cfg: ExperimentConfig, splits: Sequence[str]) -> list[ResultRow]:
     for r in rows:
         label = {"oracle": "oracle (D)", "random": "random z, no adapters (D)"}.get(r.method, f"fixed {r.assignment} (D)")
         out.append(ResultRow(label, r.split, r.reward, r.perf, r.cost, r.problems, "D"))
+    for split, (problems, by_label) in (routes or {}).items():
+        for label, zs in by_label.items():
+            row = d_row(f"{label} (D)", split, table, problems, zs, len(cfg.candidates))
+            if row is not None:
+                out.append(row)
     return out
+
+
+def baseline_routes(cfg: ExperimentConfig, run_dir: str, problems: dict[str, Sequence[Any]]
+                    ) -> dict[str, tuple[Sequence[Any], dict[str, list[tuple[int, ...]]]]]:
+    """split -> (problems, {baseline label: its z per problem}) for every fitted baseline (none: empty)."""
+    fitted = baseline_stage.load_fitted(cfg, run_dir)
+    if not fitted:
+        return {}
+    encoder = baseline_stage.encoder_for(cfg, run_dir)
+    return {split: (ps, {label: router.route(ps, encoder) for label, router in fitted.items()})
+            for split, ps in problems.items()}
 
 
 def evaluate(cfg: ExperimentConfig, run_dir: str, policy: str, extra_policies: dict[str, str] | None = None) -> list[ResultRow]:
     """Run every variant on each of `evaluation.splits` that has a path configured; returns the rows (also written)."""
     splits = [s for s in cfg.evaluation.splits if getattr(cfg.task, f"{s}_path")]
+    problems = {split: common.load_split(cfg, split) for split in splits}
+    routes = baseline_routes(cfg, run_dir, problems)
     actors = RLActors(cfg, common.load_normalizer(cfg))
     try:
         learner = actors.learner(cfg, 1, policy)
         others = {label: actors.learner(cfg, 1, path) for label, path in (extra_policies or {}).items()}
         rows = []
         for split in splits:
-            rows += evaluate_split(cfg, split, common.load_split(cfg, split), learner, others, actors.rollouts)
+            rows += evaluate_split(cfg, split, problems[split], learner, others, actors.rollouts,
+                                   routes.get(split, ((), {}))[1])
     finally:
         actors.shutdown()
-    rows += d_rows(cfg, splits)
+    rows += d_rows(cfg, splits, routes)
     out = Path(run_dir) / "eval"
     paths = write_report(rows, out)
     (out / "results.json").write_text(json.dumps([asdict(r) for r in rows], indent=2))
@@ -76,8 +102,10 @@ def evaluate(cfg: ExperimentConfig, run_dir: str, policy: str, extra_policies: d
 
 
 def evaluate_split(cfg: ExperimentConfig, split: str, problems: Sequence[Any], learner: Learner,
-                   others: dict[str, Learner], rollouts: Rollouts) -> list[ResultRow]:
-    """Every variant's row on one split; all variants' episodes advance together as one lock-step run."""
+                   others: dict[str, Learner], rollouts: Rollouts,
+                   baselines: dict[str, list[tuple[int, ...]]] | None = None) -> list[ResultRow]:
+    """Every variant's row on one split; all variants' episodes advance together as one lock-step run.
+    `baselines`: label -> a fitted baseline's z per problem, run with frozen engines (no adapters)."""
     num_c, num_r = len(cfg.candidates), len(cfg.task.roles)
     all_z = list(itertools.product(range(num_c), repeat=num_r))
     names = [c.name for c in cfg.candidates]
@@ -92,6 +120,8 @@ def evaluate_split(cfg: ExperimentConfig, split: str, problems: Sequence[Any], l
             variants[label] = learner.plans_for(problems, [z] * len(problems))
     for label, other in others.items():
         variants[label] = other.propose(problems, mode="greedy")
+    for label, zs in (baselines or {}).items():
+        variants[label] = frozen_plans(problems, zs, cfg.task.roles)
     results = rollouts.run([p for _ in variants for p in problems], [p for v in variants.values() for p in v], 0, EVAL)
     rows = [summarize(label, split, results[k * len(problems): (k + 1) * len(problems)]) for k, label in enumerate(variants)]
     logger.info("evaluated split %s: HAPS reward %.4f over %d problems", split, rows[0].reward, len(problems))

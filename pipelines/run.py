@@ -1,4 +1,4 @@
-"""The whole HAPS pipeline for one config, end to end: data → D → SFT → joint RL → evaluation.
+"""The whole HAPS pipeline for one config, end to end: data → D → SFT → baselines → joint RL → evaluation.
 
     python -m pipelines.run --config tune_configs/demo_mmlu_offline.yaml        # what `make demo` runs
     ray job submit --working-dir . -- python -m pipelines.run --config tune_configs/<name>.yaml
@@ -21,11 +21,11 @@ from pathlib import Path
 
 from haps_ray.config import ExperimentConfig, save_config
 from haps_ray.metrics import format_seconds
-from pipelines import build_dataset, common, data, evaluate, sft, train
+from pipelines import baselines, build_dataset, common, data, evaluate, sft, train
 
 logger = logging.getLogger("pipelines.run")
 
-STAGES = ("data", "dataset", "sft", "rl", "evaluate")
+STAGES = ("data", "dataset", "sft", "baselines", "rl", "evaluate")
 
 
 def with_prepared_data(cfg: ExperimentConfig, summary: dict) -> ExperimentConfig:
@@ -76,6 +76,8 @@ def run(cfg: ExperimentConfig, run_dir: str) -> dict:
     prepared, stages = prepare(cfg, run_dir)
     record = stages.record
     init_policy = record["sft"]["result"]["best_policy"]
+    # the baseline routers read D only (not the SFT router), so a Tune sweep, which starts from `prepare`, skips them
+    stages.run("baselines", lambda: baselines.fit_baselines(prepared, run_dir))
     stages.run("rl", lambda: train.train(prepared, run_dir, init_policy=init_policy))
     stages.run("evaluate", lambda: [dataclasses.asdict(r) for r in evaluate.evaluate(prepared, run_dir, record["rl"]["result"]["best_policy"])])
     return {"seconds": {k: v["seconds"] for k, v in record.items()}, "table": (Path(run_dir) / "eval" / "results.md").read_text()}

@@ -26,9 +26,10 @@ def test_run_end_to_end_then_resume(tmp_path):
     first = run(run_dir)
     assert first.returncode == 0, first.stderr[-4000:]
     stages = json.loads((run_dir / "stages.json").read_text())
-    assert list(stages) == ["data", "dataset", "sft", "rl", "evaluate"]
+    assert list(stages) == ["data", "dataset", "sft", "baselines", "rl", "evaluate"]
     table = (run_dir / "eval" / "results.md").read_text()
-    for method in ("HAPS", "w/o low-level router", "w/o high-level router (random z)", "oracle (D)"):
+    for method in ("HAPS", "w/o low-level router", "w/o high-level router (random z)", "oracle (D)", "RouteLLM (MF)",
+                   "GraphRouter", "IRT-Router (MIRT)", "HierRouter (PPO)", "RouteLLM (MF) (D)"):
         assert f"| {method} |" in table
     assert (run_dir / "eval" / "results.png").stat().st_size > 1000
     assert "HAPS" in first.stdout
@@ -40,4 +41,4 @@ def test_run_end_to_end_then_resume(tmp_path):
 
     second = run(run_dir)
     assert second.returncode == 0, second.stderr[-4000:]
-    assert second.stderr.count("done in an earlier run, skipped") == 5
+    assert second.stderr.count("done in an earlier run, skipped") == 6
