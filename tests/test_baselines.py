@@ -13,7 +13,7 @@ from haps_ray import dataset as D
 from haps_ray.baselines import ROUTERS, RouterSpec, load, routing_data
 from haps_ray.baselines.embeddings import QueryEncoder
 from haps_ray.baselines.hierrouter import HierRouter, RoutingEnv, env_config
-from haps_ray.config import BaselinesConfig, ConfigError, RewardConfig
+from haps_ray.config import BaselinesConfig, ConfigError, RewardConfig, config_from_dict
 
 from tests.baselines_synthetic import CANDIDATES, ROLES, d_table, make_problems
 
@@ -168,6 +168,16 @@ def test_query_encoder_caches_on_disk_and_the_router_encoder_reads_the_backbone(
     states = backbone.encode(problems)
     assert backbone.texts_encoded == 6 and states.shape == (6, backbone.model.config.hidden_size) != first.shape
     assert len(list(tmp_path.glob("*.safetensors"))) == 2
+
+
+def test_baselines_encoder_field_picks_the_encoder():
+    base = {"candidates": [{"name": "a", "model": "tiny-llama"}], "router": {"backbone": "tiny-llama"}}
+    backbone = QueryEncoder.from_config(config_from_dict({**base, "baselines": {"encoder": "router"}}))
+    minilm = QueryEncoder.from_config(config_from_dict(base))
+    assert backbone.label == "router:tiny-llama" and backbone.dim == backbone.model.config.hidden_size
+    assert minilm.label == "all-minilm-l6-v2" and minilm.dim == 384
+    with pytest.raises(ConfigError, match="baselines.routers"):
+        config_from_dict({**base, "baselines": {"routers": ["routellm", "knn"]}})
 
 
 # ----------------------------------------------------------------------------------------------
