@@ -41,9 +41,9 @@ class MatrixFactorization(nn.Module):
 
 class RouteLLMRouter(BaselineRouter):
     name = "routellm"
+    weak: int = 0  # z index of the "weak model": the team with the lowest mean train cost (set by fit)
 
     def build(self, query_dim: int, z_embeddings: torch.Tensor) -> nn.Module:
-        self.weak = getattr(self, "weak", 0)
         return MatrixFactorization(query_dim, z_embeddings.shape[0], self.cfg.hidden)
 
     def scores(self, embeddings: torch.Tensor) -> torch.Tensor:
