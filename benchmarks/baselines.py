@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import platform
 import time
 from pathlib import Path
@@ -43,6 +44,12 @@ def timed(fn, items, batch: int = BATCH) -> tuple[float, float]:
     for start in range(0, len(items), batch):
         fn(items[start:start + batch])
     return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def machine() -> str:
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return f"{os.cpu_count()} cores ({platform.processor() or platform.machine()}), {memory:.0f} GiB, {gpu}"
 
 
 def random_d(ids: list[str], split: str, names: list[str], num_roles: int, seed: int) -> list[dict]:
@@ -97,7 +104,7 @@ def main() -> int:
 
     lines = ["## Baseline routing latency", "",
              f"`python -m benchmarks.baselines --haps-queries {args.haps_queries} --threads {args.threads}` on "
-             f"{platform.node() or 'this machine'}, {time.strftime('%Y-%m-%d')}: {N_QUERIES} MMLU questions from "
+             f"{machine()}, {time.strftime('%Y-%m-%d')}: {N_QUERIES} MMLU questions from "
              f"`{cfg.task.train_path}`, batch {BATCH}, {args.threads} torch thread(s), CPU. Encoder "
              f"`{cfg.baselines.encoder}` (cold: every text encoded); HAPS = `HAPSPolicy.act(greedy)` on "
              f"`{cfg.router.backbone}` ({len(haps)} queries, scaled to {N_QUERIES}).", "",

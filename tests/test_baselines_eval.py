@@ -7,13 +7,17 @@ routing and the plans evaluation runs, not the actor placement (covered by the p
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pyarrow.compute as pc
 import pytest
 
 from haps_ray import dataset as D
 from haps_ray import storage
 from haps_ray.baselines.evaluation import d_row, frozen_plans
-from haps_ray.config import config_from_dict
+from haps_ray.config import config_from_dict, save_config
 from haps_ray.engine import LLMEngine, LocalEngineClient
 from haps_ray.report import summarize
 from haps_ray.rl.trainer import EVAL, LocalRollouts
@@ -22,6 +26,8 @@ from pipelines import baselines as stage
 from pipelines import build_dataset, common, evaluate
 
 from tests.helpers import FIXTURES
+
+ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.slow  # building the module's D from tiny engines takes most of a minute here
 
@@ -100,3 +106,18 @@ def test_live_frozen_episodes_of_a_baseline_agree_with_d(built):
             assert (live.reward, live.perf, live.cost) == pytest.approx((from_d.reward, from_d.perf, from_d.cost))
     rows = evaluate.d_rows(cfg, ["valid", "test"], routes)
     assert {r.method for r in rows if r.source == "D"} >= {"RouteLLM (MF) (D)", "IRT-Router (MIRT) (D)", "oracle (D)"}
+
+
+def test_entry_point_fits_and_prints_the_summary(built, tmp_path):
+    cfg, _, _, _ = built
+    path = tmp_path / "c.yaml"
+    save_config(cfg, path)
+    command = [sys.executable, "-m", "pipelines.baselines", "--config", str(path), "--set", f"run_dir={tmp_path / 'run'}",
+               "--set", f"dataset.output={common.dataset_dir(cfg)}", "--set", "baselines.routers=[routellm]",
+               "--set", "task.n_train=0", "--set", "task.n_valid=0"]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| RouteLLM (MF) |" in proc.stdout and (tmp_path / "run" / "baselines" / "routellm" / "router.json").is_file()
+    bad = subprocess.run(command[:4] + ["--set", "baselines.routellm_threshold=2"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2 and "baselines.routellm_threshold" in bad.stderr
