@@ -118,6 +118,6 @@ def test_entry_point_fits_and_prints_the_summary(built, tmp_path):
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| RouteLLM (MF) |" in proc.stdout and (tmp_path / "run" / "baselines" / "routellm" / "router.json").is_file()
-    bad = subprocess.run(command[:4] + ["--set", "baselines.routellm_threshold=2"], cwd=ROOT, capture_output=True,
+    bad = subprocess.run(command[:5] + ["--set", "baselines.routellm_threshold=2"], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 2 and "baselines.routellm_threshold" in bad.stderr
