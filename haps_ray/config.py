@@ -259,8 +259,15 @@ class RouterConfig(Section):
     lora_layers: int = Field(1, ge=1, description="k: adapters go into o_proj of the last k decoder layers.")
     hidden: int = Field(256, ge=1, description="Width of each head's MLP (paper: 256).")
     mlp_layers: int = Field(2, ge=1, description="Depth of each head's MLP (paper: 2).")
-    share_backbone: bool = Field(True,
-                                 description="Heads read the router's own backbone (false = separate frozen copy, the ablation).")
+    low_level: bool = Field(True, description=(
+        "Hypernetwork heads write a LoRA adapter per input (false: no heads at all, engines stay frozen, and SFT + RL "
+        "train the router alone: the paper's 'w/o low-level router' ablation)."))
+    share_backbone: bool = Field(True, description=(
+        "Heads read the router's own backbone (false: a separate copy of the initial backbone, see "
+        "router.separate_backbone; with rl.train_router false this is the paper's 'w/o parameter sharing')."))
+    separate_backbone: Literal["trained", "frozen"] = Field("trained", description=(
+        "With share_backbone false: the heads' separate backbone is trained by the generator loss at rl.router_lr "
+        "(the paper's w/o-sharing) or stays frozen (a fixed feature extractor)."))
     backbone_grad: bool = Field(True, description="Let the generator loss flow into the shared backbone.")
     per_layer_adapters: bool = Field(True,
                                      description="A distinct adapter per wrapped layer (false = one shared by all k, authors' code).")
@@ -276,6 +283,16 @@ class RouterConfig(Section):
     candidate_descriptions: dict[str, str] = Field(default_factory=dict, description=(
         "Optional candidate name -> one-line description shown in the routing prompt's candidate list."
     ))
+
+    @model_validator(mode="after")
+    def _low_level_parts_fit(self) -> RouterConfig:
+        # a separate backbone only exists to feed the heads: without heads, or with a shared backbone, it has no meaning
+        if not self.low_level and not self.share_backbone:
+            raise rule_broken("share_backbone", "false needs low_level true: without heads there is nothing to feed a "
+                              "separate backbone")
+        if self.share_backbone and self.separate_backbone != "trained":
+            raise rule_broken("separate_backbone", f"{self.separate_backbone!r} applies only with share_backbone false")
+        return self
 
 
 class DatasetConfig(Section):
@@ -336,6 +353,9 @@ class RLConfig(Section):
                                                                      description="Advantage baseline ('none' = authors' code).")
     normalize_advantage: bool = Field(False, description="Divide advantages by their std.")
     reinforce_router: bool = Field(True, description="Include −adv·log π(z|x) (false reproduces the authors' code).")
+    train_router: bool = Field(True, description=(
+        "RL updates the router backbone (false: it stays as SFT left it, the heads and a separate trained backbone "
+        "still learn; with router.share_backbone false the paper's 'w/o parameter sharing')."))
     num_rollout_workers: int = Field(1, ge=1, description="Parallel RolloutWorker actors.")
     eval_every_questions: int = Field(30, ge=1, description=(
         "Evaluate on valid each time this many more train questions have been used (paper: 30); an update uses "
@@ -508,6 +528,8 @@ class ExperimentConfig(Section):
     def _cross_field_rules(self) -> ExperimentConfig:
         if not self.candidates:
             raise rule_broken("candidates", "at least one candidate is required")
+        if not self.rl.train_router and not self.router.low_level:
+            raise rule_broken("rl.train_router", "false with router.low_level false leaves RL nothing to train")
         names = [c.name for c in self.candidates]
         if len(set(names)) != len(names):
             raise rule_broken("candidates", f"names must be unique, got {names}")

@@ -147,8 +147,8 @@ def test_backbone_grad_false_keeps_the_generator_loss_out_of_the_backbone(candid
     assert float(policy.hypernet.head("llama").out_A.weight.grad.abs().sum()) > 0
 
 
-def test_without_sharing_heads_read_a_separate_frozen_copy(candidates):
-    policy = make_policy(candidates, share_backbone=False)
+def test_without_sharing_heads_can_read_a_separate_frozen_copy(candidates):
+    policy = make_policy(candidates, share_backbone=False, separate_backbone="frozen")
     router_params = dict(policy.router.model.named_parameters())
     frozen_params = dict(policy.feature_model.named_parameters())
     assert router_params.keys() == frozen_params.keys()
@@ -161,6 +161,7 @@ def test_without_sharing_heads_read_a_separate_frozen_copy(candidates):
     features_before = policy.features(batch, policy.router.pooled(batch)).detach()
 
     groups = policy.parameter_groups()
+    assert groups["feature_backbone"] == []
     opt = torch.optim.Adam([{"params": groups["router"], "lr": 1e-3}, {"params": groups["heads"], "lr": 1e-3}])
     for step in range(2):
         opt.zero_grad()
