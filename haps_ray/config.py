@@ -353,6 +353,11 @@ class RLConfig(Section):
                                                                      description="Advantage baseline ('none' = authors' code).")
     normalize_advantage: bool = Field(False, description="Divide advantages by their std.")
     reinforce_router: bool = Field(True, description="Include −adv·log π(z|x) (false reproduces the authors' code).")
+    logprob_support: Literal["full", "nucleus"] = Field("full", description=(
+        "Support of the token log-probs REINFORCE differentiates. full: the model's untempered softmax over the whole "
+        "vocabulary (default: the common practice of RL libraries, defined for every token, no per-row sort of the "
+        "vocabulary); nucleus: softmax(logits / train_decoding.temperature) renormalised over the top_p nucleus the "
+        "rollouts were sampled from (the authors' code; the exact score of the sampling distribution)."))
     train_router: bool = Field(True, description=(
         "RL updates the router backbone (false: it stays as SFT left it, the heads and a separate trained backbone "
         "still learn; with router.share_backbone false the paper's 'w/o parameter sharing')."))
@@ -528,6 +533,9 @@ class ExperimentConfig(Section):
     def _cross_field_rules(self) -> ExperimentConfig:
         if not self.candidates:
             raise rule_broken("candidates", "at least one candidate is required")
+        if self.rl.logprob_support == "nucleus" and self.train_decoding.temperature == 0:
+            raise rule_broken("rl.logprob_support", "nucleus needs sampled training rollouts (train_decoding.temperature "
+                              "> 0); greedy rollouts have no nucleus")
         if not self.rl.train_router and not self.router.low_level:
             raise rule_broken("rl.train_router", "false with router.low_level false leaves RL nothing to train")
         names = [c.name for c in self.candidates]
