@@ -210,6 +210,10 @@ class TaskConfig(Section):
     levels: list[Literal["easy", "medium", "hard"]] = Field(default_factory=list, description=(
         "HotpotQA: keep only problems of these difficulty levels before sampling (paper: [hard], from the distractor "
         "dev set); empty = every level."))
+    protocol_order: Literal["project", "paper"] = Field("project", description=(
+        "HotpotQA turn order. project: summaries inside action turns, the Teacher reviews (and can veto) a Finish; "
+        "paper (Appendix B / Algorithm 1): a Finish ends the episode, and after each reviewed Search both agents "
+        "write a summary in a call of their own (4 calls per search round instead of 2; see the README)."))
     passage_titles: bool = Field(True, description=(
         "HotpotQA: show a retrieved paragraph to the agents as '[title] sentences' (true) or its sentences alone "
         "(false, the authors' code)."))

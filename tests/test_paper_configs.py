@@ -26,3 +26,8 @@ def test_reinforce_log_probs_are_under_the_sampling_nucleus(path):
 def test_depth_sweeps_share_one_adapter_across_the_k_layers(path):
     cfg = load_config(path)
     assert "router.lora_layers" in cfg.sweep.space and cfg.router.per_layer_adapters is False
+
+
+@pytest.mark.parametrize("path", [p for p in PAPER + PAPER_SWEEPS if "hotpotqa" in p.name], ids=lambda p: p.name)
+def test_hotpotqa_runs_the_papers_turn_order(path):
+    assert load_config(path).task.protocol_order == "paper"
