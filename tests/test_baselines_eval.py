@@ -71,7 +71,7 @@ def test_stage_fits_the_configured_routers_and_resumes(built, tmp_path):
     assert list(summaries) == ["irt"] and sorted(p.name for p in (tmp_path / "baselines").iterdir()) == [
         "embeddings", "irt", "summary.json", "summary.md"]
     assert summaries["irt"]["valid_problems"] == 4 and summaries["irt"]["fit_seconds"] > 0
-    assert list(stage.load_fitted(only, str(tmp_path))) == ["IRT-Router (MIRT)"]
+    assert list(stage.load_fitted(only, str(tmp_path))) == ["IRT-Router"]
     none = config(tmp_path / "none", [])
     assert stage.fit_baselines(none, str(tmp_path / "none"), problems) == {}
     assert not (tmp_path / "none" / "baselines").exists()
@@ -87,7 +87,7 @@ def test_live_frozen_episodes_of_a_baseline_agree_with_d(built):
     run_dir = common.resolve_run_dir(cfg)
     stage.fit_baselines(cfg, run_dir, problems)
     routes = evaluate.baseline_routes(cfg, run_dir, {s: problems[s] for s in ("valid", "test")})
-    assert set(routes["test"][1]) == {"RouteLLM (MF)", "IRT-Router (MIRT)"}
+    assert set(routes["test"][1]) == {"RouteLLM", "IRT-Router"}
     for engine in engines.values():  # D was decoded from cold prefix caches; so is this run (float rounding)
         engine.clear_prefix_cache()
     rollouts = LocalRollouts(cfg, clients, common.load_normalizer(cfg))
@@ -105,7 +105,7 @@ def test_live_frozen_episodes_of_a_baseline_agree_with_d(built):
             live, from_d = summarize(label, split, results), d_row(label, split, table, ps, zs, 2)
             assert (live.reward, live.perf, live.cost) == pytest.approx((from_d.reward, from_d.perf, from_d.cost))
     rows = evaluate.d_rows(cfg, ["valid", "test"], routes)
-    assert {r.method for r in rows if r.source == "D"} >= {"RouteLLM (MF) (D)", "IRT-Router (MIRT) (D)", "oracle (D)"}
+    assert {r.method for r in rows if r.source == "D"} >= {"RouteLLM (D)", "IRT-Router (D)", "oracle (D)"}
 
 
 def test_entry_point_fits_and_prints_the_summary(built, tmp_path):
@@ -117,7 +117,7 @@ def test_entry_point_fits_and_prints_the_summary(built, tmp_path):
                "--set", "task.n_train=0", "--set", "task.n_valid=0"]
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "| RouteLLM (MF) |" in proc.stdout and (tmp_path / "run" / "baselines" / "routellm" / "router.json").is_file()
+    assert "| RouteLLM |" in proc.stdout and (tmp_path / "run" / "baselines" / "routellm" / "router.json").is_file()
     bad = subprocess.run(command[:5] + ["--set", "baselines.routellm_threshold=2"], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 2 and "baselines.routellm_threshold" in bad.stderr

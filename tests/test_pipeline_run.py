@@ -28,8 +28,8 @@ def test_run_end_to_end_then_resume(tmp_path):
     stages = json.loads((run_dir / "stages.json").read_text())
     assert list(stages) == ["data", "dataset", "sft", "baselines", "rl", "evaluate"]
     table = (run_dir / "eval" / "results.md").read_text()
-    for method in ("HAPS", "w/o low-level router", "w/o high-level router (random z)", "oracle (D)", "RouteLLM (MF)",
-                   "GraphRouter", "IRT-Router (MIRT)", "HierRouter (PPO)", "RouteLLM (MF) (D)"):
+    for method in ("HAPS", "HAPS z, adapters removed (eval only)", "w/o high-level router (random z)", "oracle (D)",
+                   "RouteLLM", "GraphRouter", "IRT-Router", "HierRouter", "RouteLLM (D)"):
         assert f"| {method} |" in table
     assert (run_dir / "eval" / "results.png").stat().st_size > 1000
     assert "HAPS" in first.stdout

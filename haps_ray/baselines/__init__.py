@@ -1,5 +1,5 @@
 """Baseline routers fitted on the action-level dataset D: RouteLLM (matrix factorisation), GraphRouter,
-IRT-Router (MIRT) and HierRouter (PPO). See `base.py` for the interface and each module for its paper and the
+IRT-Router and HierRouter. See `base.py` for the interface and each module for its paper and the
 one change the two-role setting needs.
 
     router = ROUTERS["routellm"](RouterSpec.from_config(cfg), cfg.baselines, seed=cfg.seed)
@@ -17,7 +17,8 @@ from haps_ray.baselines.routellm import RouteLLMRouter
 ROUTERS: dict[str, type[BaselineRouter]] = {
     "routellm": RouteLLMRouter, "graphrouter": GraphRouterRouter, "irt": IRTRouter, "hierrouter": HierRouter,
 }
-LABELS = {"routellm": "RouteLLM (MF)", "graphrouter": "GraphRouter", "irt": "IRT-Router (MIRT)", "hierrouter": "HierRouter (PPO)"}
+# Row labels in the results table: the paper's names (pipelines.experiment looks them up for Table 2)
+LABELS = {"routellm": "RouteLLM", "graphrouter": "GraphRouter", "irt": "IRT-Router", "hierrouter": "HierRouter"}
 
 
 def load(uri: str) -> BaselineRouter:

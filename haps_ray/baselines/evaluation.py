@@ -1,7 +1,7 @@
 """A fitted baseline as evaluation rows: plans for live episodes (frozen engines) and its numbers read from D.
 
     plans = frozen_plans(problems, zs, roles)                       # run with the rollouts, greedy decoding
-    row = d_row("RouteLLM (MF) (D)", "valid", d, problems, zs)      # None when D lacks a routed (problem, z)
+    row = d_row("RouteLLM (D)", "valid", d, problems, zs)      # None when D lacks a routed (problem, z)
 
 Both describe the same episodes: D's rows were decoded greedily with frozen engines, as evaluation decodes, so a
 baseline's live row and its D row agree (up to float rounding of the engines' batched kernels).
