@@ -36,10 +36,11 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from actors.retriever import RetrieverActor, RetrieverActorClient
 from haps_ray.config import CandidateConfig, DecodingConfig, ExperimentConfig
-from haps_ray.engine import Generation, LLMEngine, Messages
+from haps_ray.engine import ChatEncoder, Generation, LLMEngine, Messages
 from haps_ray.engine.api import ApiEngine, Secret
 from haps_ray.episodes import EpisodeRunner
 from haps_ray.lora import Adapter
+from haps_ray.models import load_tokenizer, model_config
 from haps_ray.rl.cost import PriceTable
 from haps_ray.rl.rollout import run_plans
 from haps_ray.routing.policy import HAPSPolicy
@@ -94,15 +95,6 @@ class EngineDeployment:
                             weights: Sequence[float]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return await asyncio.get_running_loop().run_in_executor(self.executor, self.engine.adapter_grads, messages,
                                                                 completions, adapters, weights)
-
-    def prompt_tokens(self, messages: Messages) -> int | None:
-        """Tokens of the templated chat (None for an API engine, whose tokenizer is the provider's)."""
-        encode = getattr(self.engine, "encode_prompt", None)
-        return None if encode is None else len(encode(messages))
-
-    def context_length(self) -> int | None:
-        model = getattr(self.engine, "model", None)
-        return None if model is None else getattr(model.config, "max_position_embeddings", None)
 
     def stats(self) -> dict[str, Any]:
         return {"name": self.name, "pid": os.getpid(), "max_batch_size": self.generate._get_max_batch_size(),
@@ -210,7 +202,10 @@ class HapsIngress:
         self.pool = ThreadPoolExecutor(cfg.serve.max_ongoing_requests, thread_name_prefix="episode")
         self.retriever_handle = RetrieverActor.remote(cfg.retriever) if cfg.task.name == "hotpotqa" else None
         self.retriever = None if self.retriever_handle is None else RetrieverActorClient(self.retriever_handle)
-        self.contexts: dict[str, int | None] | None = None
+        # the engines' own chat encoding and context, here: a prompt too long is refused before any engine call
+        self.encoders = {c.name: (ChatEncoder(load_tokenizer(c.model), None, name=c.name),
+                                  getattr(model_config(c.model), "max_position_embeddings", None))
+                         for c in cfg.candidates if c.api is None}
         self.assignments = RoutingSpec.from_config(cfg).assignments()
 
     # ---- plumbing --------------------------------------------------------------------------------
@@ -222,14 +217,13 @@ class HapsIngress:
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ApiError(400, f"malformed JSON body: {err}") from None
 
-    async def _check_context(self, names: Sequence[str], messages: Messages, max_new_tokens: int) -> None:
-        if self.contexts is None:
-            lengths = [await self.engines[n].context_length.remote() for n in self.names]
-            self.contexts = dict(zip(self.names, lengths))
+    def _check_context(self, names: Sequence[str], messages: Messages, max_new_tokens: int) -> None:
+        """400 when `messages` plus `max_new_tokens` does not fit the context of one of the engines `names` (an API
+        engine's context is the provider's to check)."""
         for name in names:
-            if self.contexts[name] is not None:
-                n_prompt = await self.engines[name].prompt_tokens.remote(messages)
-                check_context(n_prompt, max_new_tokens, self.contexts[name], name)
+            if name in self.encoders:
+                encoder, context = self.encoders[name]
+                check_context(len(encoder.encode(messages)), max_new_tokens, context, name)
 
     async def _bounded(self, work: Any) -> Any:
         async with self.admission.slot():
@@ -278,7 +272,7 @@ class HapsIngress:
 
     async def _plain(self, req: Any) -> dict[str, Any]:
         max_new = req.max_tokens or self.cfg.eval_decoding.max_new_tokens
-        await self._check_context([req.model], req.messages, max_new)
+        self._check_context([req.model], req.messages, max_new)
         item = GenerateItem(req.messages, None, max_new, req.temperature, req.top_p, tuple(req.stop), req.seed)
         gen = await self.engines[req.model].generate.remote(item)
         if isinstance(gen, EngineFailure):
@@ -293,7 +287,7 @@ class HapsIngress:
                                   temperature=req.temperature, top_p=req.top_p)
         # the episode's first prompt (the same whoever is assigned) must fit every engine that may get it
         probe = make_episode(self.cfg.task, problem, {role: self.names[0] for role in self.cfg.task.roles})
-        await self._check_context(self.names, probe.pending_call().messages, decoding.max_new_tokens)
+        self._check_context(self.names, probe.pending_call().messages, decoding.max_new_tokens)
         decision: RouteDecision = await self.router.route.remote(problem)
         runner = EpisodeRunner(self.clients, decoding, self.prices, self.cfg.reward, retriever=self.retriever)
         results = await asyncio.get_running_loop().run_in_executor(

@@ -262,6 +262,7 @@ def haps_completion(result: EpisodeResult, routing: dict[str, Any], has_gold: bo
         "calls": [{"role": c.role, "engine": c.engine, "adapter": c.adapter, "prompt_tokens": c.n_input_tokens,
                    "completion_tokens": c.n_output_tokens, "malformed": c.malformed, "text": c.completion}
                   for c in result.calls],
+        "retrievals": [r.to_dict() for r in result.retrievals],
         "cost_usd": result.cost, "n_steps": result.n_steps, "n_malformed": result.n_malformed, "error": result.error,
     }
     if has_gold:

@@ -95,3 +95,87 @@ def test_a_request_over_the_timeout_gets_504(ray_session, policy_dir):
             assert health.status == 200  # the app itself is fine
     finally:
         serve.shutdown()
+
+
+@pytest.mark.slow
+def test_hotpotqa_runs_with_retrieval_in_the_service_as_in_evaluation(ray_session, tmp_path):
+    from haps_ray.engine import LLMEngine, LocalEngineClient, LocalRetrieverClient
+    from haps_ray.retrieval import Retriever
+    from haps_ray.rl.learner import JointLearner
+    from haps_ray.rl.trainer import EVAL, LocalRollouts
+    from haps_ray.tasks import load_problems
+    from tests.test_serving import free_port, post
+
+    hotpot = str(FIXTURES / "hotpotqa_small.json")
+    cfg = load_config(CONFIG, overrides=[
+        "task.name=hotpotqa", f"task.train_path={hotpot}", f"task.valid_path={hotpot}", f"task.test_path={hotpot}",
+        "task.search_budget=1", f"serve.port={free_port()}", "serve.router_num_cpus=0.25", "retriever.device=cpu"])
+    policy = tmp_path / "policy"
+    torch.manual_seed(0)
+    HAPSPolicy.from_config(cfg).save(policy)
+    problems, _ = load_problems("hotpotqa", hotpot)
+    chosen = problems[:3]
+    try:
+        url = serve_pipeline.start(cfg, str(policy))
+        served = []
+        for p in chosen:
+            status, answer = post(f"{url}/chat/completions", {
+                "model": "haps", "messages": [{"role": "user", "content": p.question}],
+                "haps": {"task": "hotpotqa", "context": [[t, s] for t, s in p.context], "answer": p.answer}}, token=None)
+            assert status == 200, answer
+            served.append(answer["haps"])
+    finally:
+        serve.shutdown()
+    learner = JointLearner(HAPSPolicy.load(policy, device=cfg.router.device, seed=cfg.seed), cfg.rl, total_steps=1)
+    engines = {c.name: LocalEngineClient(LLMEngine.from_config(c, lora_layers=1)) for c in cfg.candidates}
+    rollouts = LocalRollouts(cfg, engines, retriever=LocalRetrieverClient(Retriever.from_config(cfg.retriever)))
+    plans = learner.propose(chosen, mode="greedy")
+    for record, plan, result in zip(served, plans, rollouts.run(chosen, plans, 0, EVAL)):
+        assert record["z"] == plan.z and record["final_answer"] == result.final_answer
+        assert [c["text"] for c in record["calls"]] == [c.completion for c in result.calls]
+        assert record["retrievals"] == [r.to_dict() for r in result.retrievals]
+        assert record["perf"] == pytest.approx(result.perf)
+
+
+@pytest.mark.slow
+def test_the_entry_point_serves_until_ctrl_c(policy_dir):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from tests.test_serving import free_port, post
+
+    port = free_port()
+    root = FIXTURES.parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}  # this checkout, also in the Ray workers the job starts
+    # ray_address=local: a Ray of its own, never a cluster someone started on this machine
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.serve", "--config", str(CONFIG), "--policy", policy_dir,
+                             "--set", "ray_address=local", "--set", f"serve.port={port}",
+                             "--set", "serve.router_num_cpus=0.25"], cwd=root, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 240
+        while True:
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as health:
+                    if health.status == 200:
+                        break
+            except OSError:
+                assert time.time() < deadline, "the service did not come up"
+                time.sleep(2)
+        status, answer = post(f"http://127.0.0.1:{port}/v1/chat/completions", {
+            "model": "haps", "messages": [{"role": "user", "content": "Which planet is closest to the Sun?"}],
+            "haps": {"choices": ["Venus", "Mercury", "Earth", "Mars"]}}, token=None)
+        assert status == 200 and answer["haps"]["assignment"]
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, output[-3000:]
+        assert "shutting down the HAPS app" in output
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
