@@ -97,44 +97,67 @@ def test_a_request_over_the_timeout_gets_504(ray_session, policy_dir):
         serve.shutdown()
 
 
+def scripted_hotpot_turn(messages: list[dict]) -> str:
+    """The loopback API's answers: the Student searches once, then finishes; the Teacher always continues."""
+    if messages[0]["content"].startswith("You are the Teacher"):
+        return "Thought: fine.\nSummary: on track.\nDecision: [Continue]"
+    if "Searches left: 0" in messages[-1]["content"]:
+        return "Thought: the river is known now.\nSummary: Dravik.\nAction: Finish[the Vesna River]"
+    return "Thought: where is the tower?\nSummary: nothing yet.\nAction: Search[Arlen Clock Tower]"
+
+
 @pytest.mark.slow
-def test_hotpotqa_runs_with_retrieval_in_the_service_as_in_evaluation(ray_session, tmp_path):
-    from haps_ray.engine import LLMEngine, LocalEngineClient, LocalRetrieverClient
+def test_hotpotqa_runs_with_retrieval_in_the_service_as_in_evaluation(ray_session, tmp_path, monkeypatch):
+    from haps_ray.config import ApiConfig, CandidateConfig
+    from haps_ray.engine import LocalRetrieverClient
+    from haps_ray.engine.api import ApiEngine, ApiEngineClient, Secret
     from haps_ray.retrieval import Retriever
     from haps_ray.rl.learner import JointLearner
     from haps_ray.rl.trainer import EVAL, LocalRollouts
     from haps_ray.tasks import load_problems
+    from tests.api_loopback import LoopbackApi
     from tests.test_serving import free_port, post
 
     hotpot = str(FIXTURES / "hotpotqa_small.json")
-    cfg = load_config(CONFIG, overrides=[
-        "task.name=hotpotqa", f"task.train_path={hotpot}", f"task.valid_path={hotpot}", f"task.test_path={hotpot}",
-        "task.search_budget=1", f"serve.port={free_port()}", "serve.router_num_cpus=0.25", "retriever.device=cpu"])
-    policy = tmp_path / "policy"
-    torch.manual_seed(0)
-    HAPSPolicy.from_config(cfg).save(policy)
-    problems, _ = load_problems("hotpotqa", hotpot)
-    chosen = problems[:3]
-    try:
-        url = serve_pipeline.start(cfg, str(policy))
-        served = []
-        for p in chosen:
-            status, answer = post(f"{url}/chat/completions", {
-                "model": "haps", "messages": [{"role": "user", "content": p.question}],
-                "haps": {"task": "hotpotqa", "context": [[t, s] for t, s in p.context], "answer": p.answer}}, token=None)
-            assert status == 200, answer
-            served.append(answer["haps"])
-    finally:
-        serve.shutdown()
-    learner = JointLearner(HAPSPolicy.load(policy, device=cfg.router.device, seed=cfg.seed), cfg.rl, total_steps=1)
-    engines = {c.name: LocalEngineClient(LLMEngine.from_config(c, lora_layers=1)) for c in cfg.candidates}
-    rollouts = LocalRollouts(cfg, engines, retriever=LocalRetrieverClient(Retriever.from_config(cfg.retriever)))
-    plans = learner.propose(chosen, mode="greedy")
-    for record, plan, result in zip(served, plans, rollouts.run(chosen, plans, 0, EVAL)):
-        assert record["z"] == plan.z and record["final_answer"] == result.final_answer
+    monkeypatch.setenv("HAPS_TEST_LOOPBACK_KEY", "loopback-key")
+    with LoopbackApi(key="loopback-key", answer=scripted_hotpot_turn) as api:
+        cfg = load_config(CONFIG, overrides=[
+            "task.name=hotpotqa", f"task.train_path={hotpot}", f"task.valid_path={hotpot}", f"task.test_path={hotpot}",
+            "task.search_budget=1", f"serve.port={free_port()}", "serve.router_num_cpus=0.25", "retriever.device=cpu"])
+        # two closed candidates behind the loopback API (a scripted test double): every episode searches, so the
+        # service's retriever runs whatever z the fresh router picks
+        cfg.candidates = [CandidateConfig(name=name, model=name, open_source=False, num_cpus=0, price_in=p, price_out=p,
+                                          api=ApiConfig(base_url=api.url, model="loopback-model",
+                                                        api_key_env="HAPS_TEST_LOOPBACK_KEY"))
+                          for name, p in (("small", 0.2), ("large", 0.8))]
+        policy = tmp_path / "policy"
+        torch.manual_seed(0)
+        HAPSPolicy.from_config(cfg).save(policy)
+        problems, _ = load_problems("hotpotqa", hotpot)
+        chosen = problems[:3]
+        try:
+            url = serve_pipeline.start(cfg, str(policy))
+            served = []
+            for p in chosen:
+                status, answer = post(f"{url}/chat/completions", {
+                    "model": "haps", "messages": [{"role": "user", "content": p.question}],
+                    "haps": {"task": "hotpotqa", "context": [[t, s] for t, s in p.context], "answer": p.answer}},
+                    token=None)
+                assert status == 200, answer
+                served.append(answer["haps"])
+        finally:
+            serve.shutdown()
+        learner = JointLearner(HAPSPolicy.load(policy, device=cfg.router.device, seed=cfg.seed), cfg.rl, total_steps=1)
+        engines = {c.name: ApiEngineClient(ApiEngine(c, key=Secret("loopback-key"))) for c in cfg.candidates}
+        rollouts = LocalRollouts(cfg, engines, retriever=LocalRetrieverClient(Retriever.from_config(cfg.retriever)))
+        plans = learner.propose(chosen, mode="greedy")
+        results = rollouts.run(chosen, plans, 0, EVAL)
+    for record, plan, result in zip(served, plans, results):
+        assert record["z"] == plan.z and record["final_answer"] == result.final_answer == "the Vesna River"
         assert [c["text"] for c in record["calls"]] == [c.completion for c in result.calls]
-        assert record["retrievals"] == [r.to_dict() for r in result.retrievals]
+        assert record["retrievals"] == [r.to_dict() for r in result.retrievals] and len(record["retrievals"]) == 1
         assert record["perf"] == pytest.approx(result.perf)
+    assert served[0]["retrievals"][0]["passages"][0][0] == "Arlen Clock Tower"  # the question's own paragraphs
 
 
 @pytest.mark.slow
