@@ -56,6 +56,8 @@ logger = logging.getLogger(__name__)
 
 APP_NAME = "haps"
 HEADROOM = 8  # ingress requests beyond running + queued ones that still reach our own 429 (and /health)
+# router and engine calls are per request and per sample: no access-log line each (the ingress keeps its own)
+INTERNAL_LOGGING = {"enable_access_log": False}
 
 
 def engine_deployment_name(candidate: str) -> str:
@@ -315,11 +317,12 @@ def build_app(cfg: ExperimentConfig, policy_path: str) -> serve.Application:
         key = Secret(os.environ[c.api.api_key_env]) if c.api is not None and c.api.api_key_env in os.environ else None
         engines[c.name] = EngineDeployment.options(
             name=engine_deployment_name(c.name), num_replicas=sc.engine_replicas or c.replicas,
-            max_ongoing_requests=sc.max_ongoing_requests,
+            max_ongoing_requests=sc.max_ongoing_requests, logging_config=INTERNAL_LOGGING,
             ray_actor_options={"num_cpus": 0 if c.api is not None else c.num_cpus, "num_gpus": c.num_gpus},
         ).bind(c, lora_layers, sc.max_batch_size, sc.batch_wait_timeout_s, key)
     router = RouterDeployment.options(
         name="router", num_replicas=sc.router_replicas, max_ongoing_requests=sc.max_ongoing_requests,
+        logging_config=INTERNAL_LOGGING,
         ray_actor_options={"num_cpus": sc.router_num_cpus, "num_gpus": sc.router_num_gpus},
     ).bind(policy_path, cfg.router.device, cfg.seed, sc.max_batch_size, sc.batch_wait_timeout_s)
     return HapsIngress.options(
