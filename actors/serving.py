@@ -56,6 +56,7 @@ logger = logging.getLogger(__name__)
 
 APP_NAME = "haps"
 HEADROOM = 8  # ingress requests beyond running + queued ones that still reach our own 429 (and /health)
+MAX_TOKENS_WITHOUT_CONTEXT = 4096  # max_tokens bound of a pool of API candidates only (contexts are the providers')
 # router and engine calls are per request and per sample: no access-log line each (the ingress keeps its own)
 INTERNAL_LOGGING = {"enable_access_log": False}
 
@@ -209,6 +210,8 @@ class HapsIngress:
                                   getattr(model_config(c.model), "max_position_embeddings", None))
                          for c in cfg.candidates if c.api is None}
         self.assignments = RoutingSpec.from_config(cfg).assignments()
+        # `max_tokens` is bounded by the largest engine context (each engine then checks its own)
+        self.max_tokens_limit = max([ctx for _, ctx in self.encoders.values() if ctx] or [MAX_TOKENS_WITHOUT_CONTEXT])
 
     # ---- plumbing --------------------------------------------------------------------------------
 
@@ -256,7 +259,7 @@ class HapsIngress:
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> dict[str, Any]:
         body = await self._body(request)
-        req = parse_chat_request(body, self.models, max(self.cfg.eval_decoding.max_new_tokens, 4096))
+        req = parse_chat_request(body, self.models, self.max_tokens_limit)
         if req.model == HAPS_MODEL:
             return await self._bounded(self._episode(body, req))
         return await self._bounded(self._plain(req))
@@ -266,7 +269,7 @@ class HapsIngress:
         body = await self._body(request)
         if isinstance(body, dict):
             body.setdefault("model", HAPS_MODEL)
-        req = parse_chat_request(body, [HAPS_MODEL], 4096)
+        req = parse_chat_request(body, [HAPS_MODEL], self.max_tokens_limit)
         problem, _ = problem_from_request(body, req, self.cfg.task.name, f"route-{uuid.uuid4().hex[:12]}")
         decision = await self._bounded(self.router.route.remote(problem))
         return {"object": "haps.route", "problem_id": problem.id,

@@ -62,11 +62,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     done = threading.Event()
     # `ray job stop` and `kill` send SIGTERM: shut down as on Ctrl-C
     signal.signal(signal.SIGTERM, lambda *_: done.set())
-    start(cfg, args.policy)
     try:
+        start(cfg, args.policy)
         while not done.wait(1.0):
             pass
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # also while the app is still starting: what is up already is taken down
         pass
     logger.info("shutting down the HAPS app")
     stop()

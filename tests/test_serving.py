@@ -185,6 +185,7 @@ BAD_REQUESTS = [
     ("temperature out of range", mmlu_body(temperature=2.5), 400, "temperature"),
     ("top_p out of range", mmlu_body(top_p=0), 400, "top_p"),
     ("max_tokens out of range", mmlu_body(max_tokens=0), 400, "max_tokens"),
+    ("max_tokens over every context", mmlu_body(model="qwen", max_tokens=5000), 400, "max_tokens"),
     ("stream", mmlu_body(stream=True), 400, "stream"),
     ("stop on haps", mmlu_body(stop=["\n"]), 400, "stop"),
 ]
