@@ -249,3 +249,31 @@ def test_more_requests_than_the_queue_holds_get_429_and_bad_ones_never_hurt(serv
     assert [s for s, _ in outcomes[40:]] == [row[2] for row in BAD_REQUESTS[:6]]
     status, again = post(f"{url}/chat/completions", good[0])  # the service is still fine
     assert status == 200 and again["haps"]["assignment"]
+
+
+@pytest.mark.slow
+def test_a_killed_engine_replica_is_replaced_and_its_request_answered(service):
+    import time
+
+    import ray
+
+    url = service[2]
+    handle = serve.get_deployment_handle(engine_deployment_name("llama"), APP_NAME)
+    old_pid = handle.stats.remote().result()["pid"]
+    replica = next(a for a in ray.util.list_named_actors(all_namespaces=True)
+                   if f"#{engine_deployment_name('llama')}#" in a["name"])
+    body = {"model": "llama", "messages": [{"role": "user", "content": "count"}], "max_tokens": 400}
+    with ThreadPoolExecutor(1) as pool:
+        in_flight = pool.submit(post, f"{url}/chat/completions", body)
+        time.sleep(0.3)
+        ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
+        status, answer = in_flight.result(timeout=service[0].serve.request_timeout_s + 60)
+    assert status in (200, 500), answer  # finished before the kill, or failed with it: never a hang
+    deadline = time.time() + 180
+    while True:  # Serve starts a replacement; requests succeed again
+        status, answer = post(f"{url}/chat/completions", {**body, "max_tokens": 2})
+        if status == 200:
+            break
+        assert status == 500 and time.time() < deadline, answer
+        time.sleep(2)
+    assert handle.stats.remote().result()["pid"] != old_pid
