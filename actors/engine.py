@@ -38,6 +38,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from haps_ray.config import CandidateConfig, ExperimentConfig
 from haps_ray.engine import FatalEngineError, Generation, LLMEngine, Messages
 from haps_ray.engine.api import ApiEngine, Secret, api_checksum
+from haps_ray.engine.logprobs import Nucleus
 from haps_ray.engine.teacher_forcing import Completion
 from haps_ray.lora import Adapter
 
@@ -80,14 +81,15 @@ class EngineActor:
         return self.engine.generate(messages, adapters, **sampling)
 
     def score(self, messages: Sequence[Messages], completions: Sequence[Completion],
-              adapters: Sequence[Adapter | None] | None = None) -> list[list[float]]:
+              adapters: Sequence[Adapter | None] | None = None, nucleus: Nucleus | None = None) -> list[list[float]]:
         self.calls += 1
-        return self.engine.score(messages, completions, adapters)
+        return self.engine.score(messages, completions, adapters, nucleus=nucleus)
 
     def adapter_grads(self, messages: Sequence[Messages], completions: Sequence[Completion],
-                      adapters: Sequence[Adapter], weights: Sequence[float]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                      adapters: Sequence[Adapter], weights: Sequence[float],
+                      nucleus: Nucleus | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         self.calls += 1
-        return self.engine.adapter_grads(messages, completions, adapters, weights)
+        return self.engine.adapter_grads(messages, completions, adapters, weights, nucleus=nucleus)
 
     def info(self) -> dict[str, Any]:
         return self.engine.info()
@@ -118,12 +120,14 @@ class EngineActorClient:
         return RayPending(self.handle.generate.remote(messages, _detached(adapters), **sampling))
 
     def score(self, messages: Sequence[Messages], completions: Sequence[Completion],
-              adapters: Sequence[Adapter | None] | None = None) -> RayPending[list[list[float]]]:
-        return RayPending(self.handle.score.remote(messages, completions, _detached(adapters)))
+              adapters: Sequence[Adapter | None] | None = None,
+              nucleus: Nucleus | None = None) -> RayPending[list[list[float]]]:
+        return RayPending(self.handle.score.remote(messages, completions, _detached(adapters), nucleus))
 
     def adapter_grads(self, messages: Sequence[Messages], completions: Sequence[Completion], adapters: Sequence[Adapter],
-                      weights: Sequence[float]) -> RayPending[list[tuple[torch.Tensor, torch.Tensor]]]:
-        return RayPending(self.handle.adapter_grads.remote(messages, completions, _detached(adapters), weights))
+                      weights: Sequence[float],
+                      nucleus: Nucleus | None = None) -> RayPending[list[tuple[torch.Tensor, torch.Tensor]]]:
+        return RayPending(self.handle.adapter_grads.remote(messages, completions, _detached(adapters), weights, nucleus))
 
 
 def alive(handle: ray.actor.ActorHandle, method: str = "health") -> bool:

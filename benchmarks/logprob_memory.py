@@ -155,14 +155,22 @@ def section(rows: list[dict], args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global BATCH, COMPLETION  # a --worker run may resize the workload the measurement functions read
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--before", default=BEFORE_REF, help="git ref of the code to compare against")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--results", default="", help="Markdown file whose '## Token log-prob memory' section is written")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, default=BATCH,
+                        help="with --worker only: a smaller batch for a quick check (the comparison uses the default)")
+    parser.add_argument("--completion", type=int, default=COMPLETION,
+                        help="with --worker only: shorter completions for a quick check (the comparison uses the default)")
     args = parser.parse_args(argv)
+    if (args.batch, args.completion) != (BATCH, COMPLETION) and not args.worker:
+        parser.error("--batch / --completion size a single --worker run; the before/after comparison uses the defaults")
     if args.worker:
+        BATCH, COMPLETION = args.batch, args.completion
         print(json.dumps(WORKERS[args.worker](args.device, Path(args.out))))
         return 0
     rows, failed = [], False

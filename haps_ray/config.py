@@ -210,6 +210,10 @@ class TaskConfig(Section):
     levels: list[Literal["easy", "medium", "hard"]] = Field(default_factory=list, description=(
         "HotpotQA: keep only problems of these difficulty levels before sampling (paper: [hard], from the distractor "
         "dev set); empty = every level."))
+    protocol_order: Literal["project", "paper"] = Field("project", description=(
+        "HotpotQA turn order. project: summaries inside action turns, the Teacher reviews (and can veto) a Finish; "
+        "paper (Appendix B / Algorithm 1): a Finish ends the episode, and after each reviewed Search both agents "
+        "write a summary in a call of their own (4 calls per search round instead of 2; see the README)."))
     passage_titles: bool = Field(True, description=(
         "HotpotQA: show a retrieved paragraph to the agents as '[title] sentences' (true) or its sentences alone "
         "(false, the authors' code)."))
@@ -259,8 +263,15 @@ class RouterConfig(Section):
     lora_layers: int = Field(1, ge=1, description="k: adapters go into o_proj of the last k decoder layers.")
     hidden: int = Field(256, ge=1, description="Width of each head's MLP (paper: 256).")
     mlp_layers: int = Field(2, ge=1, description="Depth of each head's MLP (paper: 2).")
-    share_backbone: bool = Field(True,
-                                 description="Heads read the router's own backbone (false = separate frozen copy, the ablation).")
+    low_level: bool = Field(True, description=(
+        "Hypernetwork heads write a LoRA adapter per input (false: no heads at all, engines stay frozen, and SFT + RL "
+        "train the router alone: the paper's 'w/o low-level router' ablation)."))
+    share_backbone: bool = Field(True, description=(
+        "Heads read the router's own backbone (false: a separate copy of the initial backbone, see "
+        "router.separate_backbone; with rl.train_router false this is the paper's 'w/o parameter sharing')."))
+    separate_backbone: Literal["trained", "frozen"] = Field("trained", description=(
+        "With share_backbone false: the heads' separate backbone is trained by the generator loss at rl.router_lr "
+        "(the paper's w/o-sharing) or stays frozen (a fixed feature extractor)."))
     backbone_grad: bool = Field(True, description="Let the generator loss flow into the shared backbone.")
     per_layer_adapters: bool = Field(True,
                                      description="A distinct adapter per wrapped layer (false = one shared by all k, authors' code).")
@@ -276,6 +287,16 @@ class RouterConfig(Section):
     candidate_descriptions: dict[str, str] = Field(default_factory=dict, description=(
         "Optional candidate name -> one-line description shown in the routing prompt's candidate list."
     ))
+
+    @model_validator(mode="after")
+    def _low_level_parts_fit(self) -> RouterConfig:
+        # a separate backbone only exists to feed the heads: without heads, or with a shared backbone, it has no meaning
+        if not self.low_level and not self.share_backbone:
+            raise rule_broken("share_backbone", "false needs low_level true: without heads there is nothing to feed a "
+                              "separate backbone")
+        if self.share_backbone and self.separate_backbone != "trained":
+            raise rule_broken("separate_backbone", f"{self.separate_backbone!r} applies only with share_backbone false")
+        return self
 
 
 class DatasetConfig(Section):
@@ -336,6 +357,14 @@ class RLConfig(Section):
                                                                      description="Advantage baseline ('none' = authors' code).")
     normalize_advantage: bool = Field(False, description="Divide advantages by their std.")
     reinforce_router: bool = Field(True, description="Include −adv·log π(z|x) (false reproduces the authors' code).")
+    logprob_support: Literal["full", "nucleus"] = Field("full", description=(
+        "Support of the token log-probs REINFORCE differentiates. full: the model's untempered softmax over the whole "
+        "vocabulary (default: the common practice of RL libraries, defined for every token, no per-row sort of the "
+        "vocabulary); nucleus: softmax(logits / train_decoding.temperature) renormalised over the top_p nucleus the "
+        "rollouts were sampled from (the authors' code; the exact score of the sampling distribution)."))
+    train_router: bool = Field(True, description=(
+        "RL updates the router backbone (false: it stays as SFT left it, the heads and a separate trained backbone "
+        "still learn; with router.share_backbone false the paper's 'w/o parameter sharing')."))
     num_rollout_workers: int = Field(1, ge=1, description="Parallel RolloutWorker actors.")
     eval_every_questions: int = Field(30, ge=1, description=(
         "Evaluate on valid each time this many more train questions have been used (paper: 30); an update uses "
@@ -547,6 +576,11 @@ class ExperimentConfig(Section):
     def _cross_field_rules(self) -> ExperimentConfig:
         if not self.candidates:
             raise rule_broken("candidates", "at least one candidate is required")
+        if self.rl.logprob_support == "nucleus" and self.train_decoding.temperature == 0:
+            raise rule_broken("rl.logprob_support", "nucleus needs sampled training rollouts (train_decoding.temperature "
+                              "> 0); greedy rollouts have no nucleus")
+        if not self.rl.train_router and not self.router.low_level:
+            raise rule_broken("rl.train_router", "false with router.low_level false leaves RL nothing to train")
         names = [c.name for c in self.candidates]
         if len(set(names)) != len(names):
             raise rule_broken("candidates", f"names must be unique, got {names}")

@@ -1,14 +1,17 @@
 """Evaluate a trained HAPS policy against its ablations and the static baselines; write table + plot.
 
     python -m pipelines.evaluate --config tune_configs/offline_mmlu.yaml --policy runs/x/rl/best \
+        [--extra-policy "w/o low-level router=runs/x_nolow/rl/best"] \
         [--extra-policy "w/o parameter sharing=runs/x_nosharing/rl/best"]
 
 Rows (greedy router, greedy decoding, requests bucketed by engine with per-sample adapters):
 - HAPS                      the policy's z and adapters
-- w/o low-level router      the policy's z, no adapters (frozen engines)
+- HAPS z, adapters removed  the policy's z on the frozen engines: an evaluation-time probe of what the adapters add,
+                            not the paper's w/o low-level router (a router trained without heads, `router.low_level:
+                            false`, evaluated here as an extra policy)
 - w/o high-level router     uniform random z (seeded), adapters from the heads; and each fixed z with adapters
                             (`evaluation.fixed_assignments`)
-- extra policies            e.g. the w/o-parameter-sharing policy, trained separately
+- extra policies            the trained ablations: w/o low-level router, w/o parameter sharing (their own runs)
 - oracle / fixed / random   from the action-level dataset D (frozen engines), when D holds the split
 Outputs: <run_dir>/eval/results.{md,csv,png} and results.json.
 """
@@ -36,6 +39,7 @@ from pipelines import common
 
 logger = logging.getLogger("pipelines.evaluate")
 
+ADAPTERS_REMOVED = "HAPS z, adapters removed (eval only)"
 MAX_FIXED_ROWS = 16  # every fixed z gets its own row only while |Z| stays readable
 
 
@@ -82,7 +86,7 @@ def evaluate_split(cfg: ExperimentConfig, split: str, problems: Sequence[Any], l
     all_z = list(itertools.product(range(num_c), repeat=num_r))
     names = [c.name for c in cfg.candidates]
     plans = learner.propose(problems, mode="greedy")
-    variants = {"HAPS": plans, "w/o low-level router": [replace(p, adapters={}) for p in plans]}
+    variants = {"HAPS": plans, ADAPTERS_REMOVED: [replace(p, adapters={}) for p in plans]}
     rng = random.Random(cfg.seed)
     random_z = [rng.choice(all_z) for _ in problems]
     variants["w/o high-level router (random z)"] = learner.plans_for(problems, random_z)

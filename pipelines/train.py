@@ -27,6 +27,7 @@ from haps_ray import storage
 from haps_ray.config import ExperimentConfig
 from haps_ray.metrics import MetricsLogger
 from haps_ray.rl.trainer import RLTrainer
+from haps_ray.routing.policy import check_structure
 from haps_ray.tasks import Problem, sample_problems
 from haps_ray.training import EvaluationCallback, planned_steps
 from pipelines import common
@@ -61,6 +62,8 @@ def train(cfg: ExperimentConfig, run_dir: str, init_policy: str | None = None, f
     out = Path(run_dir) / "rl"
     if fresh and out.exists():
         shutil.rmtree(out)
+    if init_policy:
+        check_structure(init_policy, cfg.router)  # before any actor starts
     train_set, valid_set = rl_splits(cfg)
     test_set = common.load_split(cfg, "test") if cfg.task.test_path else []
     total_steps = planned_steps(len(train_set), cfg.rl.batch_size, cfg.rl.epochs, cfg.rl.max_steps)

@@ -116,8 +116,8 @@ class ScriptedEngine:
             out.append(Generation(text, ids, [-0.5] * len(ids), n_in, len(ids), "stop"))
         return out
 
-    def score(self, messages, completions, adapters=None):
+    def score(self, messages, completions, adapters=None, nucleus=None):
         raise NotImplementedError("ScriptedEngine only generates")
 
-    def adapter_grads(self, messages, completions, adapters, weights):
+    def adapter_grads(self, messages, completions, adapters, weights, nucleus=None):
         raise NotImplementedError("ScriptedEngine only generates")

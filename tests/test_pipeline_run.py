@@ -28,7 +28,7 @@ def test_run_end_to_end_then_resume(tmp_path):
     stages = json.loads((run_dir / "stages.json").read_text())
     assert list(stages) == ["data", "dataset", "sft", "rl", "evaluate"]
     table = (run_dir / "eval" / "results.md").read_text()
-    for method in ("HAPS", "w/o low-level router", "w/o high-level router (random z)", "oracle (D)"):
+    for method in ("HAPS", "HAPS z, adapters removed (eval only)", "w/o high-level router (random z)", "oracle (D)"):
         assert f"| {method} |" in table
     assert (run_dir / "eval" / "results.png").stat().st_size > 1000
     assert "HAPS" in first.stdout

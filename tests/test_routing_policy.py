@@ -147,8 +147,8 @@ def test_backbone_grad_false_keeps_the_generator_loss_out_of_the_backbone(candid
     assert float(policy.hypernet.head("llama").out_A.weight.grad.abs().sum()) > 0
 
 
-def test_without_sharing_heads_read_a_separate_frozen_copy(candidates):
-    policy = make_policy(candidates, share_backbone=False)
+def test_without_sharing_heads_can_read_a_separate_frozen_copy(candidates):
+    policy = make_policy(candidates, share_backbone=False, separate_backbone="frozen")
     router_params = dict(policy.router.model.named_parameters())
     frozen_params = dict(policy.feature_model.named_parameters())
     assert router_params.keys() == frozen_params.keys()
@@ -161,6 +161,7 @@ def test_without_sharing_heads_read_a_separate_frozen_copy(candidates):
     features_before = policy.features(batch, policy.router.pooled(batch)).detach()
 
     groups = policy.parameter_groups()
+    assert groups["feature_backbone"] == []
     opt = torch.optim.Adam([{"params": groups["router"], "lr": 1e-3}, {"params": groups["heads"], "lr": 1e-3}])
     for step in range(2):
         opt.zero_grad()
@@ -193,3 +194,20 @@ def test_checkpoint_round_trip_is_bit_exact(candidates, tmp_path, share):
         assert a.assignment == b.assignment and torch.equal(a.log_prob, b.log_prob)
         assert a.adapters.keys() == b.adapters.keys()
         assert all(torch.equal(a.adapters[n].A, b.adapters[n].A) and torch.equal(a.adapters[n].B, b.adapters[n].B) for n in a.adapters)
+
+
+@pytest.mark.parametrize("per_layer", [True, False])
+def test_per_layer_adapters_decides_what_each_layer_learns(candidates, per_layer):
+    """k distinct adapters (ours) vs one ΔW reused by all k layers (the authors'): a layer's gradient reaches its own
+    slice of the head's output, or all k layers' gradients add up in the one shared adapter."""
+    policy = make_policy(candidates, init="authors", per_layer_adapters=per_layer)
+    head = policy.hypernet.head("llama")
+    assert head.out_A.out_features == (K if per_layer else 1) * 4 * 64
+    adapter = policy.evaluate(QUESTIONS[:1], [(0, 0)])[0].adapters["llama"]
+    assert torch.equal(adapter.A[0], adapter.A[1]) is (not per_layer)
+    gen = torch.Generator().manual_seed(0)
+    per_layer_grads = torch.randn(adapter.A.shape, generator=gen)  # (K, r, d_in): what an engine returns per layer
+    torch.autograd.backward([adapter.A], grad_tensors=[per_layer_grads])
+    bias_grad = head.out_A.bias.grad.view(-1, 4, 64)  # ∂L/∂(emitted A): the bias sees it unchanged
+    expected = per_layer_grads if per_layer else per_layer_grads.sum(0, keepdim=True)
+    assert torch.allclose(bias_grad, expected, atol=1e-6)

@@ -20,6 +20,7 @@ import torch
 
 from haps_ray.engine.chat import Messages
 from haps_ray.engine.generator import Generation
+from haps_ray.engine.logprobs import Nucleus
 from haps_ray.engine.teacher_forcing import Completion
 from haps_ray.lora import Adapter
 
@@ -75,12 +76,13 @@ class EngineClient(Protocol):
     ) -> Pending[list[Generation]]: ...
 
     def score(
-        self, messages: Sequence[Messages], completions: Sequence[Completion], adapters: Sequence[Adapter | None] | None = None
+        self, messages: Sequence[Messages], completions: Sequence[Completion], adapters: Sequence[Adapter | None] | None = None,
+        nucleus: Nucleus | None = None,
     ) -> Pending[list[list[float]]]: ...
 
     def adapter_grads(
         self, messages: Sequence[Messages], completions: Sequence[Completion], adapters: Sequence[Adapter],
-        weights: Sequence[float],
+        weights: Sequence[float], nucleus: Nucleus | None = None,
     ) -> Pending[list[tuple[torch.Tensor, torch.Tensor]]]: ...
 
 
@@ -95,11 +97,11 @@ class LocalEngineClient:
                  **sampling: Any) -> Deferred[list[Generation]]:
         return Deferred(lambda: self.engine.generate(messages, adapters, **sampling))
 
-    def score(self, *args: Any) -> Deferred[list[list[float]]]:
-        return Deferred(lambda: self.engine.score(*args))
+    def score(self, *args: Any, **kwargs: Any) -> Deferred[list[list[float]]]:
+        return Deferred(lambda: self.engine.score(*args, **kwargs))
 
-    def adapter_grads(self, *args: Any) -> Deferred[list[tuple[torch.Tensor, torch.Tensor]]]:
-        return Deferred(lambda: self.engine.adapter_grads(*args))
+    def adapter_grads(self, *args: Any, **kwargs: Any) -> Deferred[list[tuple[torch.Tensor, torch.Tensor]]]:
+        return Deferred(lambda: self.engine.adapter_grads(*args, **kwargs))
 
 
 @runtime_checkable

@@ -32,6 +32,7 @@ from haps_ray.config import CandidateConfig
 from haps_ray.engine.chat import ChatEncoder, Messages
 from haps_ray.engine.generator import Generation, Generator
 from haps_ray.engine.hf_internals import check_internals
+from haps_ray.engine.logprobs import Nucleus
 from haps_ray.engine.prefill import Prefiller
 from haps_ray.engine.prefix_cache import PrefixCache
 from haps_ray.engine.ragged import use_ragged_attention
@@ -150,10 +151,12 @@ class LLMEngine:
         messages: Sequence[Messages],
         completions: Sequence[Completion],
         adapters: Sequence[Adapter | None] | None = None,
+        nucleus: Nucleus | None = None,
     ) -> list[list[float]]:
-        """Per-token log-probs of each completion after its templated prompt (text is tokenized without specials)."""
+        """Per-token log-probs of each completion after its templated prompt (text is tokenized without specials);
+        full softmax, or under `nucleus`."""
         return self._named(self.teacher.score, self.encoder.encode_all(messages), completions,
-                           self._adapters(adapters, len(messages)))
+                           self._adapters(adapters, len(messages)), nucleus)
 
     def adapter_grads(
         self,
@@ -161,9 +164,12 @@ class LLMEngine:
         completions: Sequence[Completion],
         adapters: Sequence[Adapter],
         weights: Sequence[float],
+        nucleus: Nucleus | None = None,
     ) -> list[tuple[Any, Any]]:
-        """Per sample (dA, dB) = d(w_i · Σ_t log p(y_t)) / d(A_i, B_i); see `teacher_forcing.py`."""
-        return self._named(self.teacher.adapter_grads, self.encoder.encode_all(messages), completions, list(adapters), weights)
+        """Per sample (dA, dB) = d(w_i · Σ_t log p(y_t)) / d(A_i, B_i), log p full or under `nucleus`; see
+        `teacher_forcing.py`."""
+        return self._named(self.teacher.adapter_grads, self.encoder.encode_all(messages), completions, list(adapters),
+                           weights, nucleus)
 
     def _adapters(self, adapters: Sequence[Adapter | None] | None, n: int) -> list[Adapter | None]:
         return [None] * n if adapters is None else list(adapters)

@@ -21,7 +21,7 @@ from transformers import PreTrainedModel
 
 from haps_ray.engine.chat import ChatEncoder
 from haps_ray.engine.generator import chunks
-from haps_ray.engine.logprobs import head_log_probs
+from haps_ray.engine.logprobs import Nucleus, head_log_probs
 from haps_ray.lora import Adapter, use_adapters
 
 Completion = list[int] | str
@@ -48,9 +48,11 @@ class TeacherForcing:
         return out
 
     def _log_probs(
-        self, prompts: list[list[int]], completions: list[list[int]], adapters: Sequence[Adapter | None]
+        self, prompts: list[list[int]], completions: list[list[int]], adapters: Sequence[Adapter | None],
+        nucleus: Nucleus | None = None,
     ) -> torch.Tensor:
-        """log p(y_t | prompt, y_<t) of every completion token, flattened sample by sample: (Σ len(c),) float32."""
+        """log p(y_t | prompt, y_<t) of every completion token, flattened sample by sample: (Σ len(c),) float32;
+        under the full softmax, or with `nucleus` under the renormalised nucleus sampling drew from."""
         longest = max(len(c) for c in completions)
         if longest == 0:
             return torch.zeros(0, device=self.device)
@@ -63,19 +65,21 @@ class TeacherForcing:
         # last one predicts nothing and gets a dummy target). The head runs over that (b, longest + 1) slab.
         slab = hidden[:, -longest - 1:]  # (b, longest + 1, d)
         targets = torch.cat([input_ids[:, -longest:], input_ids.new_zeros(len(prompts), 1)], dim=1)  # (b, longest + 1)
-        logp = head_log_probs(slab.reshape(-1, slab.shape[-1]), self.model.get_output_embeddings(), targets.reshape(-1))
+        logp = head_log_probs(slab.reshape(-1, slab.shape[-1]), self.model.get_output_embeddings(), targets.reshape(-1),
+                              nucleus=nucleus)
         logp = logp.view(len(prompts), longest + 1)[:, :-1]
         return torch.cat([logp[row, longest - len(c):] for row, c in enumerate(completions)])
 
     @torch.inference_mode()
     def score(
-        self, prompts: list[list[int]], completions: Sequence[Completion], adapters: Sequence[Adapter | None]
+        self, prompts: list[list[int]], completions: Sequence[Completion], adapters: Sequence[Adapter | None],
+        nucleus: Nucleus | None = None,
     ) -> list[list[float]]:
-        """Per-token log-probs of each completion after its prompt."""
+        """Per-token log-probs of each completion after its prompt (full softmax, or the given nucleus)."""
         comps = self._check(prompts, completions, adapters)
         out: list[list[float]] = []
         for part in chunks(len(prompts), self.max_batch_size):
-            flat = self._log_probs(prompts[part], comps[part], adapters[part]).tolist()
+            flat = self._log_probs(prompts[part], comps[part], adapters[part], nucleus).tolist()
             start = 0
             for c in comps[part]:
                 out.append(flat[start:start + len(c)])
@@ -88,9 +92,11 @@ class TeacherForcing:
         completions: Sequence[Completion],
         adapters: Sequence[Adapter],
         weights: Sequence[float],
+        nucleus: Nucleus | None = None,
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per sample (dA, dB) = d(w_i · Σ_t log p(y_t)) / d(A_i, B_i), by one forward/backward per chunk; the tensors
-        have the shapes, dtype and device of the given factors."""
+        have the shapes, dtype and device of the given factors. log p is under the full softmax, or with `nucleus`
+        under the renormalised nucleus the rollouts were sampled from (`rl.logprob_support`)."""
         comps = self._check(prompts, completions, adapters)
         if len(weights) != len(prompts):
             raise ValueError(f"{len(weights)} weights for {len(prompts)} samples")
@@ -106,7 +112,7 @@ class TeacherForcing:
                 for a in adapters[part]
             ]
             with torch.enable_grad():
-                logp = self._log_probs(prompts[part], comps[part], leaves)
+                logp = self._log_probs(prompts[part], comps[part], leaves, nucleus)
                 per_token = torch.tensor([w for w, c in zip(weights[part], comps[part]) for _ in c],
                                          dtype=logp.dtype, device=self.device)
                 objective = (per_token * logp).sum()

@@ -14,7 +14,10 @@ it wrote (one router pass scores every z and feeds the heads), and `update` back
 problems or assignments than the ones proposed (e.g. after a resume) rebuilds the graph with `policy.evaluate`.
 The update backpropagates the router's −A·log π(z|x) and the engines' adapter gradients in one pass, clips, and
 steps AdamW (fp32 master weights; the router backbone and the heads are separate parameter groups with their own
-learning rates, both decayed linearly to `final_lr_ratio` over the run by `torch.optim.lr_scheduler.LinearLR`).
+learning rates, both decayed linearly to `final_lr_ratio` over the run by `torch.optim.lr_scheduler.LinearLR`; a
+separate trained feature backbone, w/o sharing, is a third group at the router's rate, being the same kind of
+weights). With `rl.train_router: false` the router backbone is frozen and has no group; a policy without the low
+level has no heads group.
 The policy stays in eval mode throughout: log π(z|x) at update time must equal the one the rollouts were sampled
 from, so nothing stochastic (dropout) may run.
 """
@@ -72,12 +75,18 @@ class JointLearner:
     def __init__(self, policy: Any, cfg: RLConfig, total_steps: int) -> None:
         self.policy = policy
         self.cfg = cfg
+        if not cfg.train_router:
+            policy.freeze_router()
         groups = policy.parameter_groups()
         param_groups = [
             {"params": groups["router"], "lr": cfg.router_lr, "name": "router"},
             {"params": groups["heads"], "lr": cfg.generator_lr, "name": "heads"},
+            {"params": groups["feature_backbone"], "lr": cfg.router_lr, "name": "feature_backbone"},
         ]
-        self.optimizer = torch.optim.AdamW([g for g in param_groups if g["params"]], weight_decay=0.0)
+        param_groups = [g for g in param_groups if g["params"]]
+        if not param_groups:
+            raise ValueError("the policy has no trainable parameters (rl.train_router false and no heads)")
+        self.optimizer = torch.optim.AdamW(param_groups, weight_decay=0.0)
         self.scheduler = torch.optim.lr_scheduler.LinearLR(
             self.optimizer, start_factor=1.0, end_factor=cfg.final_lr_ratio, total_iters=max(total_steps, 1))
         self.step = 0

@@ -18,6 +18,7 @@ import torch
 
 from haps_ray.config import TaskConfig
 from haps_ray.engine.client import EngineClient
+from haps_ray.engine.logprobs import Nucleus
 from haps_ray.episodes import EpisodeResult, EpisodeRunner
 from haps_ray.rl.learner import Plan
 from haps_ray.tasks import CallRecord, make_episode
@@ -57,6 +58,7 @@ def adapter_gradients(
     plans: Sequence[Plan],
     weights: Sequence[float],
     engines: Mapping[str, EngineClient],
+    nucleus: Nucleus | None = None,
 ) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """Per trajectory, candidate name -> (dA, dB) of w_i Σ log p over every call of it on a candidate its plan has an
     adapter for: the calls of a rollout (generated with that adapter) or of a stored D trajectory (generated without
@@ -76,7 +78,7 @@ def adapter_gradients(
     pending = {
         name: engines[name].adapter_grads(
             [call.messages for _, call in items], [call.token_ids for _, call in items],
-            [plans[i].adapters[name] for i, _ in items], [float(weights[i]) for i, _ in items],
+            [plans[i].adapters[name] for i, _ in items], [float(weights[i]) for i, _ in items], nucleus=nucleus,
         )
         for name, items in work.items()
     }

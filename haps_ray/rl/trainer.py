@@ -32,6 +32,7 @@ from typing import Any, Protocol
 from haps_ray.checkpoint import Checkpoints, read_metrics, read_state, save_checkpoint
 from haps_ray.config import ExperimentConfig, RLConfig
 from haps_ray.engine.client import EngineClient, RetrieverClient
+from haps_ray.engine.logprobs import Nucleus
 from haps_ray.dataset import StoredEpisode
 from haps_ray.episodes import EpisodeResult, EpisodeRunner
 from haps_ray.metrics import Progress
@@ -92,7 +93,15 @@ class LocalRollouts:
 
     def gradients(self, calls: Sequence[Sequence[CallRecord] | None], plans: Sequence[Plan],
                   weights: Sequence[float]) -> list[dict]:
-        return adapter_gradients(calls, plans, weights, self.engines)
+        return adapter_gradients(calls, plans, weights, self.engines, logprob_nucleus(self.cfg))
+
+
+def logprob_nucleus(cfg: ExperimentConfig) -> Nucleus | None:
+    """The support of the token log-probs REINFORCE differentiates (`rl.logprob_support`): None for the full softmax,
+    else the tempered top-p nucleus that training rollouts are sampled from (`train_decoding`)."""
+    if cfg.rl.logprob_support == "full":
+        return None
+    return Nucleus(cfg.train_decoding.temperature, cfg.train_decoding.top_p)
 
 
 def rollout_metrics(results: Sequence[EpisodeResult], plans: Sequence[Plan], prefix: str) -> dict[str, float]:

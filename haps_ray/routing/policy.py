@@ -10,9 +10,12 @@ candidate. This is what RL, evaluation and serving call:
     actions[0].adapters["llama"]                                  # haps_ray.lora.Adapter, for the engine
     policy.save(run_dir / "policy"); HAPSPolicy.load(run_dir / "policy")   # bit-exact round trip
 
-The backbone keeps fp32 master weights with gradients on (load_model hands out frozen models); with
-`share_backbone=False` the heads read a separate frozen copy of the initial backbone instead (the
-paper's w/o-sharing ablation), and with `backbone_grad=False` the pooled features are detached.
+The backbone keeps fp32 master weights with gradients on (load_model hands out frozen models). The ablations
+are structures of this one module (RL picks which parts it updates, `rl.train_router`):
+- `low_level=False`: no heads at all; every action has no adapters (the paper's w/o low-level router);
+- `share_backbone=False`: the heads read a separate copy of the initial backbone, trained by the generator loss
+  (`separate_backbone="trained"`, the paper's w/o parameter sharing, with the router frozen in RL) or frozen;
+- `backbone_grad=False`: the shared pooled features are detached.
 """
 
 from __future__ import annotations
@@ -72,6 +75,24 @@ def candidate_shapes(source: str, k: int) -> list[tuple[int, int]]:
     return shapes_from_hf_config(load_model(source, device="cpu")[0].config, k)
 
 
+# RouterConfig fields that decide which modules a policy has: a checkpoint built with other values is another
+# model (another ablation), never silently continued under this config
+STRUCTURE_FIELDS = ("low_level", "share_backbone", "separate_backbone")
+
+
+def check_structure(path: str | Path, cfg: RouterConfig) -> None:
+    """Raise ValueError when the policy saved at `path` was built with other `STRUCTURE_FIELDS` than `cfg`."""
+    meta_path = Path(path) / META_FILE
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{path}: not a policy checkpoint (no {META_FILE})")
+    saved = from_dict(RouterConfig, json.loads(meta_path.read_text())["router"], "router")
+    differ = [f"router.{name}={getattr(saved, name)!r} (config: {getattr(cfg, name)!r})"
+              for name in STRUCTURE_FIELDS if getattr(saved, name) != getattr(cfg, name)]
+    if differ:
+        raise ValueError(f"{path}: this policy was built with {', '.join(differ)}; run SFT with this config to start "
+                         "that variant")
+
+
 class HAPSPolicy(nn.Module):
     """Router backbone, high-level router and per-candidate hypernetwork heads."""
 
@@ -88,8 +109,9 @@ class HAPSPolicy(nn.Module):
         spec = router.spec
         if len(open_source) != spec.num_candidates:
             raise ValueError(f"open_source has {len(open_source)} flags for {spec.num_candidates} candidates")
-        open_names = [n for n, flag in zip(spec.candidates, open_source) if flag]
-        closed = sorted(set(adapter_shapes) - set(open_names))
+        # without the low level no candidate gets a head: shapes (if given) are not needed
+        open_names = [n for n, flag in zip(spec.candidates, open_source) if flag] if cfg.low_level else []
+        closed = sorted(set(adapter_shapes) - {n for n, flag in zip(spec.candidates, open_source) if flag})
         missing = [n for n in open_names if n not in adapter_shapes]
         if closed:
             raise ValueError(f"adapter shapes given for {closed}, which are not open-source candidates (closed ones get no head)")
@@ -107,8 +129,10 @@ class HAPSPolicy(nn.Module):
         router.model.float().requires_grad_(True)
         self.feature_model: PreTrainedModel | None = None
         if not cfg.share_backbone:
-            frozen = feature_model if feature_model is not None else copy.deepcopy(router.model)
-            self.feature_model = frozen.eval().requires_grad_(False)
+            separate = feature_model if feature_model is not None else copy.deepcopy(router.model)
+            trained = cfg.separate_backbone == "trained"
+            # eval mode either way: no dropout, so the features an update sees are the ones the rollout used
+            self.feature_model = separate.to(device).float().eval().requires_grad_(trained)
 
     # ------------------------------------------------------------------ construction
 
@@ -133,7 +157,8 @@ class HAPSPolicy(nn.Module):
             seed=cfg.seed,
         )
         if adapter_shapes is None:
-            adapter_shapes = {c.name: candidate_shapes(c.model, cfg.router.lora_layers) for c in cfg.open_candidates}
+            adapter_shapes = ({c.name: candidate_shapes(c.model, cfg.router.lora_layers) for c in cfg.open_candidates}
+                              if cfg.router.low_level else {})
         return cls(router, adapter_shapes, [c.open_source for c in cfg.candidates], cfg.router, seed=cfg.seed)
 
     # ------------------------------------------------------------------ acting
@@ -143,11 +168,13 @@ class HAPSPolicy(nn.Module):
         return self.router.spec
 
     def features(self, batch: PromptBatch, pooled: torch.Tensor) -> torch.Tensor:
-        """Prompt features (B, d) for the heads: the router pass's pooled states, or the frozen copy's own pass."""
+        """Prompt features (B, d) for the heads: the router pass's pooled states, or the separate backbone's own pass
+        (with its graph when that backbone is trained and gradients are on)."""
         if self.feature_model is None:
             return pooled if self.cfg.backbone_grad else pooled.detach()
         mask = batch.attention_mask
-        with torch.no_grad(), self.router.autocast():
+        trained = self.cfg.separate_backbone == "trained"
+        with torch.set_grad_enabled(trained and torch.is_grad_enabled()), self.router.autocast():
             hidden = self.feature_model.get_decoder()(
                 input_ids=batch.input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)
             ).last_hidden_state
@@ -157,7 +184,7 @@ class HAPSPolicy(nn.Module):
         """Per problem: one adapter for each open candidate its assignment uses (one head pass per candidate)."""
         out: list[dict[str, Adapter]] = [{} for _ in assignments]
         for cid, name in enumerate(self.spec.candidates):
-            if not self.open_source[cid]:
+            if name not in self.hypernet.names:  # a closed candidate, or no low level at all
                 continue
             rows = [b for b, z in enumerate(assignments) if cid in z]
             if rows:
@@ -192,11 +219,19 @@ class HAPSPolicy(nn.Module):
         ]
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Trainable parameters by optimiser group: the router backbone and the hypernetwork heads."""
+        """Trainable parameters by optimiser group: the router backbone, the hypernetwork heads (none without the
+        low level) and the heads' separate backbone (only when it is trained)."""
+        separate = self.feature_model.parameters() if self.feature_model is not None else []
         return {
             "router": [p for p in self.router.model.parameters() if p.requires_grad],
             "heads": [p for p in self.hypernet.parameters() if p.requires_grad],
+            "feature_backbone": [p for p in separate if p.requires_grad],
         }
+
+    def freeze_router(self) -> None:
+        """Stop gradients into the router backbone (RL with `rl.train_router: false`): log π(z|x) and, with a shared
+        backbone, the heads' features become constants; the heads and a separate trained backbone still learn."""
+        self.router.model.requires_grad_(False)
 
     # ------------------------------------------------------------------ checkpoints
 

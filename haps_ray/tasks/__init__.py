@@ -31,5 +31,5 @@ def make_episode(task: TaskConfig, problem: Problem, assignment: dict[str, str],
         raise ValueError(f"problem {problem.id} is a {problem.task} problem, the task is {task.name}")
     if task.name == "hotpotqa":
         return HotpotQAEpisode(problem, assignment, adapters, search_budget=task.search_budget,
-                               passage_titles=task.passage_titles)
+                               passage_titles=task.passage_titles, order=task.protocol_order)
     return MMLUEpisode(problem, assignment, adapters, max_rounds=task.max_rounds)
