@@ -10,7 +10,7 @@
 #   episodes        lock-step vs one-at-a-time MMLU episodes, SmolLM2-135M (offline pack), 8 problems x 2 rounds
 #   logprob_memory  peak memory of adapter_grads / router scoring, 128k vocabulary: before vs after the log-prob
 #                   helper when this is a git checkout holding the "before" commit, else the current code alone
-#   serve_load      the Serve app under load, when benchmarks/serve_load.py exists (skipped with a message if not)
+#   serve_load      the Serve app (demo config, offline packs) under 1 / 4 / 16 concurrent clients
 # A benchmark that fails, times out or lacks what it needs is recorded as such and the suite goes on; the exit
 # status is 1 when any benchmark failed or timed out, else 0. PYTHON picks the interpreter (default: .venv/bin/python
 # when present, else python3).
@@ -138,11 +138,11 @@ else
     --out "$LOG/router.pt" "${size[@]}"
 fi
 
-# ---- serve_load (not every tree has it yet)
-if [[ -f benchmarks/serve_load.py ]]; then
-  run serve_load 120 "$PYTHON" -m benchmarks.serve_load --device "$device"
+# ---- serve_load: app start-up + warm-up + 3 levels x --duration must fit the cap
+if [[ "$MODE" == gpu ]]; then
+  run serve_load 150 "$PYTHON" -m benchmarks.serve_load --device cuda --duration 10
 else
-  skip serve_load "benchmarks/serve_load.py does not exist in this tree"
+  run serve_load 400 "$PYTHON" -m benchmarks.serve_load --device cpu --duration 3 --clients 1,4
 fi
 
 echo "suite: $(($(date +%s) - STARTED)) s in all; results in $RESULTS"

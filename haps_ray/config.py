@@ -445,6 +445,44 @@ class BaselinesConfig(Section):
         "environment masks unavailable choices this way, not by RLlib action masking)."))
 
 
+class ServeConfig(Section):
+    """The Ray Serve application of `pipelines.serve`: the trained HAPS system as an OpenAI-compatible service."""
+
+    host: str = Field("127.0.0.1", min_length=1, description=(
+        "Address the HTTP proxy listens on (0.0.0.0 to expose it beyond this machine)."))
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port of the OpenAI-compatible API.")
+    router_replicas: int = Field(1, ge=1, description="Replicas of the router deployment (the trained policy).")
+    router_num_cpus: float = Field(1.0, ge=0, description="CPUs reserved by each router replica.")
+    router_num_gpus: float = Field(0.0, ge=0, description="GPUs reserved by each router replica (fractions allowed).")
+    engine_replicas: int = Field(0, ge=0, description=(
+        "Replicas of every engine deployment; 0 = each candidate's own `replicas` (CPUs/GPUs per replica come "
+        "from the candidate)."))
+    max_batch_size: int = Field(16, ge=1, description=(
+        "Largest batch the router and each engine deployment gathers with @serve.batch (requests of concurrent "
+        "episodes decoded together, each with its own adapter or none)."))
+    batch_wait_timeout_s: float = Field(0.01, ge=0, description=(
+        "Seconds a batch waits for more requests after its first before it runs (@serve.batch)."))
+    max_ongoing_requests: int = Field(32, ge=1, description=(
+        "Requests (episodes or plain chats) the ingress runs at once; also each router/engine replica's "
+        "max_ongoing_requests, so it must be >= max_batch_size."))
+    max_queued_requests: int = Field(64, ge=0, description=(
+        "Requests waiting for one of the max_ongoing_requests slots; one more is answered 429 (code queue_full) "
+        "with an OpenAI error object."))
+    request_timeout_s: float = Field(300.0, gt=0, description=(
+        "Seconds one request may take end to end (and one router/engine call at most); then it is answered 504, "
+        "so a request in flight on a replica that died gets an error, never a hang."))
+    api_key_env: Annotated[str, AfterValidator(env_var_name)] = Field("", description=(
+        "Name of the environment variable holding the bearer token clients must send (Authorization: Bearer "
+        "<token>, as vLLM's --api-key); empty = no auth. The token is read at start-up, never logged."))
+
+    @model_validator(mode="after")
+    def _batch_fits(self) -> ServeConfig:
+        if self.max_batch_size > self.max_ongoing_requests:
+            raise rule_broken("max_batch_size", f"{self.max_batch_size} > max_ongoing_requests="
+                              f"{self.max_ongoing_requests}: a replica never holds enough requests to fill a batch")
+        return self
+
+
 class ParamSpace(Section):
     """How one searched config field varies over a sweep: exactly one of grid, choice, uniform, loguniform."""
 
@@ -574,6 +612,7 @@ class ExperimentConfig(Section):
     sweep: SweepConfig = Field(default_factory=SweepConfig, description="Ray Tune sweep (pipelines.tune).")
     cost: CostConfig = Field(default_factory=CostConfig, description="Episode cost: per-candidate or per-composition prices.")
     baselines: BaselinesConfig = Field(default_factory=BaselinesConfig, description="Baseline routers fitted on D.")
+    serve: ServeConfig = Field(default_factory=ServeConfig, description="Ray Serve deployment (pipelines.serve).")
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> ExperimentConfig:

@@ -56,6 +56,7 @@ class Action:
     fallback: bool = False  # the router's generated answer was unreadable; z was drawn uniformly
     router_text: str | None = None  # generation path: the router's raw answer
     entropy: float = float("nan")  # of π(·|x) over Z (NaN when Z is too large to enumerate)
+    table: torch.Tensor | None = None  # (|Z|,) log π(z|x) over spec.assignments(); None when Z is not enumerated
 
 
 def compute_dtype(name: str, device: torch.device) -> torch.dtype | None:
@@ -198,9 +199,10 @@ class HAPSPolicy(nn.Module):
         routed = self.router.route(batch, mode, seed)
         decisions = routed.decisions
         adapters = self.adapters_for(self.features(batch, routed.pooled), [d.z for d in decisions])
+        tables = [None] * len(decisions) if routed.table is None else list(routed.table)
         return [
-            Action(pid, d.z, self.spec.as_dict(d.z), d.log_prob, ads, d.fallback, d.text, entropy)
-            for pid, d, ads, entropy in zip(batch.ids, decisions, adapters, routed.entropies())
+            Action(pid, d.z, self.spec.as_dict(d.z), d.log_prob, ads, d.fallback, d.text, entropy, table)
+            for pid, d, ads, entropy, table in zip(batch.ids, decisions, adapters, routed.entropies(), tables)
         ]
 
     def evaluate(self, problems: Sequence[Any], assignments: Sequence[Sequence[int] | Mapping[str, int]]) -> list[Action]:
