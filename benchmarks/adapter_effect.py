@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     engine = LLMEngine.from_config(base.candidates[0], base.router.lora_layers)
     print(f"engine {candidate.model}, router {base.router.backbone}, {len(train)} train / {len(held_out)} held-out "
           f"problems, {args.steps} updates, device {args.device}")
-    print("| alpha | generator lr | init | step | train dlogp/token | held-out dlogp/token | ||dW||/||W|| | heads moved | s |")
+    print("| alpha | generator lr | init | step | train dlogp/token | held-out dlogp/token | ||dW||/||W|| | heads moved | setting wall s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for text in args.settings:
         alpha, lr, init = parse_setting(text)
