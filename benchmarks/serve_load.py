@@ -41,9 +41,12 @@ ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "mmlu_small.jsonl"
 
 
-def engine_totals(url: str) -> tuple[int, int]:
+def batch_totals(url: str) -> tuple[int, int, int, int]:
+    """(engine batches, engine samples, router batches, router samples) so far, from GET /v1/stats."""
     stats = json.loads(urllib.request.urlopen(f"{url}/stats", timeout=60).read())
-    return (sum(e["batches"] for e in stats["engines"].values()), sum(e["samples"] for e in stats["engines"].values()))
+    engines = stats["engines"].values()
+    return (sum(e["batches"] for e in engines), sum(e["samples"] for e in engines),
+            stats["router"]["batches"], stats["router"]["samples"])
 
 
 def run_level(url: str, clients: int, duration: float, problems: list) -> dict:
@@ -69,7 +72,7 @@ def run_level(url: str, clients: int, duration: float, problems: list) -> dict:
                 with lock:
                     errors.append(f"{type(err).__name__}: {err}")
 
-    batches0, samples0 = engine_totals(url)
+    before = batch_totals(url)
     started = time.perf_counter()
     threads = [threading.Thread(target=loop, args=(i,)) for i in range(clients)]
     for t in threads:
@@ -77,13 +80,15 @@ def run_level(url: str, clients: int, duration: float, problems: list) -> dict:
     for t in threads:
         t.join()
     wall = time.perf_counter() - started  # the last requests finish after the deadline: count their time too
-    batches1, samples1 = engine_totals(url)
+    after = batch_totals(url)
+    batches, samples, router_batches, router_samples = (a - b for a, b in zip(after, before))
     ordered = sorted(latencies)
     return {
         "clients": clients, "requests": len(latencies), "errors": len(errors), "wall_s": wall,
         "rps": len(latencies) / wall, "p50_s": statistics.median(ordered) if ordered else float("nan"),
         "p95_s": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))] if ordered else float("nan"),
-        "mean_batch": (samples1 - samples0) / max(batches1 - batches0, 1), "first_error": errors[0] if errors else "",
+        "mean_batch": samples / max(batches, 1), "mean_router_batch": router_samples / max(router_batches, 1),
+        "first_error": errors[0] if errors else "",
     }
 
 
@@ -133,12 +138,12 @@ def main() -> int:
         f"{startup:.0f} s). Each client sends MMLU `model: \"haps\"` requests back to back; mean batch = samples per "
         "engine generate call over the level.",
         "",
-        "| clients | requests | errors | requests/s | vs 1 client | p50 s | p95 s | mean engine batch |",
-        "|---|---|---|---|---|---|---|---|",
+        "| clients | requests | errors | requests/s | vs 1 client | p50 s | p95 s | mean engine batch | mean router batch |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(f"| {r['clients']} | {r['requests']} | {r['errors']} | {r['rps']:.2f} | {r['rps'] / base:.2f}x | "
-                     f"{r['p50_s']:.2f} | {r['p95_s']:.2f} | {r['mean_batch']:.2f} |")
+                     f"{r['p50_s']:.2f} | {r['p95_s']:.2f} | {r['mean_batch']:.2f} | {r['mean_router_batch']:.2f} |")
     errors = [r["first_error"] for r in rows if r["first_error"]]
     if errors:
         lines += ["", f"First error: {errors[0][:300]}"]
