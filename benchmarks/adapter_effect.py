@@ -74,7 +74,7 @@ def run_setting(cfg, engine: LLMEngine, engine_name: str, train, held_out, steps
     for split, problems in (("train", train), ("held_out", held_out)):
         prompts, targets = student_prompts(cfg, problems, engine_name), answer_texts(problems)
         data[split] = (problems, prompts, targets, mean_token_logp(engine, prompts, targets, [None] * len(problems)))
-    heads = [p for p in policy.parameter_groups()["heads"]]
+    heads = list(policy.parameter_groups()["heads"])
     start = [p.detach().clone() for p in heads]
     rows = []
     for step in range(steps + 1):

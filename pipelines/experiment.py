@@ -37,6 +37,7 @@ from typing import Any
 from haps_ray import paper_tables as paper
 from haps_ray.config import ConfigError, ExperimentConfig, load_config, save_config
 from haps_ray.report import ResultRow
+from haps_ray.rl.cost import CostNormalizer
 from pipelines import common
 
 logger = logging.getLogger("pipelines.experiment")
@@ -156,8 +157,6 @@ def load_run_config(run: Run) -> ExperimentConfig:
     and fixed z without adapters) are on the same split as HAPS's."""
     overrides = list(run.overrides) + [f"run_dir={run.run_dir}"]
     cfg = load_config(run.config, overrides=overrides)
-    if cfg.sweep is None and run.sweep:
-        raise ConfigError(f"{run.config}: sweep: the depth experiment needs a config with a sweep section")
     if not run.sweep and table_split(cfg) == "test" and "test" not in cfg.dataset.splits:
         cfg = load_config(run.config, overrides=overrides + [f"dataset.splits={[*cfg.dataset.splits, 'test']}"])
     return cfg
@@ -168,8 +167,8 @@ def table_split(cfg: ExperimentConfig) -> str:
     return "test" if cfg.task.test_path and "test" in cfg.evaluation.splits else "valid"
 
 
-def execute(run: Run) -> None:
-    """Run (or finish) one pipeline run or sweep; finished stages and trials are skipped."""
+def execute(run: Run) -> ExperimentConfig:
+    """Run (or finish) one pipeline run or sweep; finished stages and trials are skipped. Returns the run's config."""
     from pipelines import run as pipeline
     from pipelines import tune
 
@@ -181,6 +180,7 @@ def execute(run: Run) -> None:
         tune.sweep(cfg, str(run.run_dir))
     else:
         pipeline.run(cfg, str(run.run_dir))
+    return cfg
 
 
 def evaluation_rows(run_dir: Path) -> list[ResultRow]:
@@ -265,10 +265,11 @@ def table_rq4(task: str, sweeps: dict[str, list[dict[str, str]]]) -> Table:
     return table
 
 
-def normalised_cost(row: ResultRow, cfg: ExperimentConfig) -> float | None:
-    """Mean min-max normalised cost: the normaliser is affine, so without clipping it maps the mean cost exactly."""
+def unclipped_normalizer(cfg: ExperimentConfig) -> CostNormalizer | None:
+    """The run's frozen train cost normaliser without clipping: it is affine then, so it maps a row's mean cost to the
+    mean normalised cost exactly."""
     normalizer = common.load_normalizer(cfg)
-    return None if normalizer is None else dataclasses.replace(normalizer, clip=False)(row.cost)
+    return None if normalizer is None else dataclasses.replace(normalizer, clip=False)
 
 
 def table_rq5(task: str, results: dict[str, dict[str, list[ResultRow]]], configs: dict[str, ExperimentConfig]) -> Table:
@@ -278,12 +279,13 @@ def table_rq5(task: str, results: dict[str, dict[str, list[ResultRow]]], configs
         for lam in paper.COST_LAMBDAS:
             rows, cfg = variants.get(f"lambda={lam}", []), configs.get(f"{pair}/lambda={lam}")
             weak, strong = (None, None) if cfg is None else cheapest_and_dearest(cfg)
+            normalizer = None if cfg is None else unclipped_normalizer(cfg)
             ours = {"All Weak": pick(rows, f"fixed {weak} (D)"), "All Strong": pick(rows, f"fixed {strong} (D)"),
                     "Random": pick(rows, "random z, no adapters (D)"), "HAPS": pick(rows, "HAPS")}
             ours.update({router: pick(rows, router) for router in BASELINE_ROUTERS})
             for method, row in ours.items():
                 published = paper.COST_TABLE[method][lam]
-                cost = None if row is None or cfg is None else normalised_cost(row, cfg)
+                cost = None if row is None or normalizer is None else normalizer(row.cost)
                 for metric, value, pub in zip(("perf", "cost", "reward"),
                                               (None if row is None else row.perf, cost,
                                                None if row is None else row.reward), published):
@@ -361,8 +363,7 @@ def run_experiment(name: str, tasks: Sequence[str], pairs: Sequence[str], run_ro
         for pair in pairs:
             runs = plan(name, task, pair, run_root, config, overrides)
             for run in runs:
-                execute(run)
-                cfg = load_run_config(run)
+                cfg = execute(run)
                 key = pair if name != "rq5" else f"{pair}/{run.variant}"
                 configs[key] = cfg
                 if run.sweep:
@@ -407,15 +408,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.offline and args.name == "rq6":
         tasks = ("mmlu",)  # the offline mixed pool: the Qwen pack behind a loopback endpoint, on MMLU
     run_root = args.run_root.resolve()
-    try:
-        for task in tasks:
-            for pair in pairs:
-                for run in plan(args.name, task, pair, run_root, args.config, args.overrides):
-                    load_run_config(run)
+    try:  # every run's config, before anything starts
+        configs = [load_run_config(run) for task in tasks for pair in pairs
+                   for run in plan(args.name, task, pair, run_root, args.config, args.overrides)]
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    common.init_ray(load_run_config(plan(args.name, tasks[0], pairs[0], run_root, args.config, args.overrides)[0]))
+    common.init_ray(configs[0])
     run_experiment(args.name, tasks, pairs, run_root, args.config, args.overrides)
     return 0
 
